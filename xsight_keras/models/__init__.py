@@ -1,0 +1,42 @@
+"""Model families: Attention U-Net on ResNet encoders, and the Progressive Growing U-Net."""
+
+from xsight_keras.models.attention_unet import SIZE_MULTIPLE, attention_unet
+from xsight_keras.models.encoders import (
+    RESNET_SPECS,
+    encoder_channels,
+    find_imagenet_checkpoint,
+    load_encoder_weights,
+    read_state_dict,
+    resnet_encoder,
+    resnet_features,
+)
+from xsight_keras.models.layers import SpatialSizeCheck, attention_gate, conv_bn_relu
+from xsight_keras.models.progressive_unet import (
+    STAGE_RESOLUTIONS,
+    grow,
+    inference_view,
+    progressive_unet,
+    progressive_unet_spec,
+)
+from xsight_keras.models.transfer import transfer_weights
+
+__all__ = [
+    "RESNET_SPECS",
+    "SIZE_MULTIPLE",
+    "STAGE_RESOLUTIONS",
+    "SpatialSizeCheck",
+    "attention_gate",
+    "attention_unet",
+    "conv_bn_relu",
+    "encoder_channels",
+    "find_imagenet_checkpoint",
+    "grow",
+    "inference_view",
+    "load_encoder_weights",
+    "progressive_unet",
+    "progressive_unet_spec",
+    "read_state_dict",
+    "resnet_encoder",
+    "resnet_features",
+    "transfer_weights",
+]

@@ -1,0 +1,74 @@
+"""Attention U-Net (Oktay et al. 2018) on a ResNet encoder, as a Functional Keras model."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+from keras import layers
+
+from xsight_keras.models.encoders import encoder_channels, load_encoder_weights, resnet_features
+from xsight_keras.models.layers import (
+    SpatialSizeCheck,
+    attention_gate,
+    channel_axis,
+    conv_bn_relu,
+    image_input,
+    output_activation,
+)
+
+#: Every input height and width must be a multiple of this (five 2× downsamplings).
+SIZE_MULTIPLE = 32
+
+
+def attention_unet(
+    num_classes: int,
+    encoder: str = "resnet34",
+    encoder_weights: str | os.PathLike | None = None,
+    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16),
+    dropout: float = 0.0,
+    activation: str | None = "softmax",
+    input_channels: int = 3,
+    input_size: tuple[int, int] | None = None,
+    name: str | None = None,
+) -> keras.Model:
+    """Build an Attention U-Net with a ResNet encoder.
+
+    Input: float images (B, H, W, ``input_channels``) (channels first under that data format),
+    typically CLAHE + z-score normalised; H and W multiples of 32, checked with a clear error.
+    Output: (B, H, W, ``num_classes``) float32 probabilities (``softmax`` over classes or
+    per-channel ``sigmoid``; ``None`` gives logits), whatever the mixed-precision policy.
+
+    The five decoder stages each upsample 2× (nearest), gate the encoder skip of that stride with
+    an additive attention gate driven by the upsampled decoder features, concatenate, and apply
+    two 3×3 conv+BN+ReLU (``dec{i}_block1``, ``dec{i}_block2``) with ``decoder_filters[i-1]``
+    filters, then optional dropout. The last stage (stride 1) has no skip.
+    ``encoder_weights``: ``None``, ``"imagenet"`` or a torchvision ``.pth``/``.safetensors`` file.
+    """
+    if len(decoder_filters) != 5:
+        raise ValueError(f"decoder_filters needs 5 entries (one per stride), got {decoder_filters}")
+    if input_channels not in (1, 3):
+        raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    inputs = image_input(input_channels, input_size)
+    x = SpatialSizeCheck(SIZE_MULTIPLE, name="size_check")(inputs)
+    features = resnet_features(x, encoder)
+    skips = features[-2::-1] + [None]  # strides 16, 8, 4, 2, then none at full resolution
+    skip_channels = encoder_channels(encoder)[-2::-1] + (None,)
+    d = features[-1]
+    for i, (filters, skip, channels) in enumerate(zip(decoder_filters, skips, skip_channels), 1):
+        d = layers.UpSampling2D(2, interpolation="nearest", name=f"dec{i}_up")(d)
+        if skip is not None:
+            gated = attention_gate(skip, d, max(channels // 2, 8), name=f"dec{i}_att")
+            d = layers.Concatenate(axis=channel_axis(), name=f"dec{i}_concat")([d, gated])
+        d = conv_bn_relu(d, filters, f"dec{i}_block1")
+        d = conv_bn_relu(d, filters, f"dec{i}_block2")
+        if dropout:
+            d = layers.Dropout(dropout, name=f"dec{i}_dropout")(d)
+    logits = layers.Conv2D(num_classes, 1, name="head_conv")(d)
+    outputs = output_activation(activation, name="probabilities")(logits)
+    model = keras.Model(inputs, outputs, name=name or f"attention_unet_{encoder}")
+    if encoder_weights is not None:
+        load_encoder_weights(model, encoder_weights, encoder)
+    return model

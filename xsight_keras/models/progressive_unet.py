@@ -1,0 +1,155 @@
+"""Progressive Growing U-Net (PGU-Net; Zhao et al., MICCAI 2019 workshops) with multi-scale outputs.
+
+Stage k (1–4) works natively at 32·2^(k-1) px (32, 64, 128, 256) and has k encoder/decoder
+levels. Levels are numbered from the innermost: level 1, next to the bottleneck, exists in every
+stage; stage k adds level k on the high-resolution side, like PGGAN adds layers on the image side.
+Each level keeps its layer names and shapes across stages, so :func:`grow` copies every trained
+level into the next stage and only the new outer level (and its 1×1 image stem) start fresh.
+
+Layout of stage k on an input of H×W (H, W multiples of 2^k):
+
+    image ─ stem{k} (1×1) ─ enc{k} ─ pool ─ … ─ enc1 ─ pool ─ bottleneck (H/2^k)
+                               │                   │             │
+    scale_1 ◀ head ◀ dec{k} ◀──┘ … scale_{2^(k-1)} ◀ head ◀ dec1 ◀┘ (upsample + concat skip)
+    fused = activation(mean of every level's logits upsampled to H×W)
+
+Level j has ``base_filters · 2^(4-j)`` filters (256, 128, 64, 32 for base 32), the bottleneck
+``16 · base_filters``. The fusion has no weights, so every weight of stage k lives on in stage k+1.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+
+from xsight_keras.models.layers import (
+    SpatialSizeCheck,
+    channel_axis,
+    conv_bn_relu,
+    image_input,
+    output_activation,
+)
+from xsight_keras.models.transfer import transfer_weights
+
+STAGE_RESOLUTIONS = {1: 32, 2: 64, 3: 128, 4: 256}
+MAX_STAGE = 4
+
+
+def level_filters(level: int, base_filters: int) -> int:
+    """Filters of level ``level`` (1 = innermost); level 5 is the width a stage-4 stem emits."""
+    return max(int(base_filters * 2.0 ** (MAX_STAGE - level)), 1)
+
+
+def _default_activation(num_classes: int) -> str:
+    return "sigmoid" if num_classes == 1 else "softmax"
+
+
+def progressive_unet(
+    stage: int,
+    in_channels: int = 3,
+    num_classes: int = 1,
+    base_filters: int = 32,
+    dropout: float = 0.0,
+    activation: str | None = "auto",
+    input_size: tuple[int, int] | None = None,
+) -> keras.Model:
+    """Build PGU-Net stage ``stage`` (1–4).
+
+    Input: float images (B, H, W, ``in_channels``) with ``in_channels`` 1 (grayscale) or 3 (RGB);
+    H and W multiples of 2^stage (native size ``STAGE_RESOLUTIONS[stage]``).
+    Output: a dict of float32 maps with ``num_classes`` channels: ``"fused"`` at H×W and
+    ``"scale_{s}"`` at H/s×W/s for s = 1, 2, …, 2^(stage-1) (one per decoder level), so
+    ``compile(loss={...}, loss_weights={...})`` can supervise every scale. ``activation="auto"``
+    is sigmoid for one class (binary masks) and softmax otherwise. Use :func:`inference_view`
+    for a model that returns only the fused map.
+    """
+    if stage not in STAGE_RESOLUTIONS:
+        raise ValueError(f"stage must be one of 1, 2, 3, 4, got {stage}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    if activation == "auto":
+        activation = _default_activation(num_classes)
+    axis = channel_axis()
+    inputs = image_input(in_channels, input_size)
+    x = SpatialSizeCheck(2**stage, name="size_check")(inputs)
+    x = conv_bn_relu(x, level_filters(stage + 1, base_filters), f"stem{stage}", kernel_size=1)
+    skips = {}
+    for level in range(stage, 0, -1):
+        x = conv_bn_relu(x, level_filters(level, base_filters), f"enc{level}_block1")
+        x = conv_bn_relu(x, level_filters(level, base_filters), f"enc{level}_block2")
+        skips[level] = x
+        x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+    x = conv_bn_relu(x, 16 * base_filters, "bottleneck_block1")
+    x = conv_bn_relu(x, 16 * base_filters, "bottleneck_block2")
+    if dropout:
+        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+    outputs, fused_inputs = {}, []
+    for level in range(1, stage + 1):
+        x = layers.UpSampling2D(2, interpolation="nearest", name=f"dec{level}_up")(x)
+        x = layers.Concatenate(axis=axis, name=f"dec{level}_concat")([x, skips[level]])
+        x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block1")
+        x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block2")
+        logits = layers.Conv2D(num_classes, 1, name=f"dec{level}_head")(x)
+        scale = 2 ** (stage - level)
+        outputs[f"scale_{scale}"] = output_activation(activation, name=f"scale_{scale}")(logits)
+        if scale > 1:
+            logits = layers.UpSampling2D(
+                scale, interpolation="bilinear", name=f"fuse_up{scale}"
+            )(logits)
+        fused_inputs.append(logits)
+    fused = fused_inputs[0] if stage == 1 else layers.Average(name="fuse_mean")(fused_inputs)
+    outputs = {"fused": output_activation(activation, name="fused")(fused), **outputs}
+    return keras.Model(inputs, outputs, name=f"progressive_unet_stage{stage}")
+
+
+def progressive_unet_spec(model: keras.Model) -> dict:
+    """Recover the :func:`progressive_unet` arguments of a PGU-Net model from its layers."""
+    names = {layer.name: layer for layer in model.layers}
+    stage = sum(1 for n in names if n.startswith("dec") and n.endswith("_head"))
+    if stage not in STAGE_RESOLUTIONS or "fused" not in names:
+        raise ValueError(f"model {model.name!r} is not a progressive_unet (no dec*_head/fused layers)")
+    fused = names["fused"]
+    if isinstance(fused, layers.Softmax):
+        activation = "softmax"
+    else:
+        activation = keras.activations.serialize(fused.activation)
+        activation = None if activation == "linear" else activation
+    dropout = names["bottleneck_dropout"].rate if "bottleneck_dropout" in names else 0.0
+    conv = names["enc1_block1_conv"]
+    axis = -1 if conv.data_format == "channels_last" else 1
+    return {
+        "stage": stage,
+        "in_channels": int(model.inputs[0].shape[axis]),
+        "num_classes": int(names["dec1_head"].filters),
+        "base_filters": int(conv.filters) // 2 ** (MAX_STAGE - 1),
+        "dropout": float(dropout),
+        "activation": activation,
+        "data_format": conv.data_format,
+    }
+
+
+def grow(model: keras.Model, **overrides) -> keras.Model:
+    """Return PGU-Net stage k+1 built like ``model`` (stage k) with every shared weight copied.
+
+    Layers present in both stages (matched by name and shape: all levels 1…k and the bottleneck)
+    receive ``model``'s weights; the new outer level ``k+1`` and its stem start from a fresh
+    initialisation. ``overrides`` change builder arguments (e.g. ``dropout``).
+    """
+    spec = progressive_unet_spec(model)
+    if spec["stage"] >= MAX_STAGE:
+        raise ValueError(f"model is already stage {MAX_STAGE}, the last PGU-Net stage")
+    data_format = spec.pop("data_format")
+    spec.update(overrides, stage=spec["stage"] + 1)
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format(data_format)
+    try:
+        grown = progressive_unet(**spec)
+    finally:
+        keras.config.set_image_data_format(previous)
+    transfer_weights(model, grown)
+    return grown
+
+
+def inference_view(model: keras.Model) -> keras.Model:
+    """A model sharing ``model``'s weights that returns only the ``fused`` map (a tensor)."""
+    return keras.Model(model.inputs, model.get_layer("fused").output, name=f"{model.name}_fused")
