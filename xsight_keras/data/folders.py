@@ -1,0 +1,120 @@
+"""Image/mask folders (the PGU-Net layout): ``{train,valid,test}/{images,masks}/``.
+
+Images and masks carry identical file names (or identical stems, e.g. ``a.jpg`` / ``a.png``),
+``.jpg/.jpeg/.png/.tif``, any size, grayscale or RGB; masks are binary 0/255 and thresholded at
+128 (JPEG masks have compression noise). Pre-augmented copies named ``flipped_*``, ``mirrored_*``
+or ``rotated_<angle>_*`` are used only with ``use_augmented=True``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from xsight_keras.data.images import IMAGE_SUFFIXES, read_image
+from xsight_keras.data.prepared import PreparedWriter
+
+CLASS_NAMES = ("background", "nucleus")
+SPLITS = ("train", "valid", "test")
+AUGMENTED_PREFIX = re.compile(r"^(flipped_|mirrored_|rotated_-?\d+(\.\d+)?_)")
+
+
+def is_augmented_copy(name: str) -> bool:
+    """True for the pre-augmented copies' names (``flipped_``, ``mirrored_``, ``rotated_<angle>_``)."""
+    return AUGMENTED_PREFIX.match(name) is not None
+
+
+def find_folder_pairs(split_dir, use_augmented: bool = False) -> list[tuple[Path, Path]]:
+    """(image, mask) path pairs of one split folder holding ``images/`` and ``masks/``.
+
+    Pairs by identical name, else by identical stem. Raises ``FileNotFoundError`` when a folder is
+    missing or empty, and ``ValueError`` listing images without a mask and masks without an image.
+    """
+    split_dir = Path(split_dir)
+    found = {}
+    for sub in ("images", "masks"):
+        folder = split_dir / sub
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{folder} does not exist (expected {split_dir}/images and /masks)")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not use_augmented:
+            files = [p for p in files if not is_augmented_copy(p.name)]
+        found[sub] = files
+    if not found["images"]:
+        raise FileNotFoundError(f"{split_dir / 'images'} holds no .png/.jpg/.tif image")
+    masks_by_name = {p.name: p for p in found["masks"]}
+    masks_by_stem = {p.stem: p for p in found["masks"]}
+    pairs, unmatched = [], []
+    for image in found["images"]:
+        mask = masks_by_name.get(image.name) or masks_by_stem.get(image.stem)
+        if mask is None:
+            unmatched.append(image.name)
+        else:
+            pairs.append((image, mask))
+    used = {m for _, m in pairs}
+    orphans = [m.name for m in found["masks"] if m not in used]
+    if unmatched or orphans:
+        raise ValueError(
+            f"{split_dir}: images and masks do not pair up by name; images without a mask: "
+            f"{unmatched[:5]}; masks without an image: {orphans[:5]}"
+        )
+    return pairs
+
+
+def read_binary_mask(path) -> np.ndarray:
+    """Read a 0/255 mask file as uint8 (H, W) with values 0/1 (threshold at 128).
+
+    Raises ``ValueError`` naming the file when the values are not a binary 0/255 mask: class
+    indices (all values below 128, e.g. 0/1), or many mid-grey pixels.
+    """
+    mask = read_image(path, channels=1)[..., 0]
+    top = int(mask.max())
+    if 0 < top < 128:
+        raise ValueError(f"{path}: mask values are 0..{top}, expected 0/255 (a label-index mask "
+                         f"would come out empty after thresholding at 128)")
+    grey = np.count_nonzero((mask > 32) & (mask < 224))
+    if grey > 0.05 * mask.size:
+        raise ValueError(f"{path}: {100 * grey / mask.size:.0f}% of pixels are neither near 0 nor "
+                         f"near 255; expected a binary 0/255 mask")
+    return (mask >= 128).astype(np.uint8)
+
+
+def read_folder_sample(image_path, mask_path, channels: int = 3):
+    """Read an image (uint8 (H, W, channels)) and its mask as (classes uint8, instances int32).
+
+    Instances are the 8-connected components of the mask. Raises ``ValueError`` naming both files
+    when their sizes differ.
+    """
+    image = read_image(image_path, channels)
+    classes = read_binary_mask(mask_path)
+    if classes.shape != image.shape[:2]:
+        raise ValueError(f"{image_path} is {image.shape[1]}×{image.shape[0]} but its mask "
+                         f"{mask_path} is {classes.shape[1]}×{classes.shape[0]}")
+    instances, _ = ndimage.label(classes, structure=np.ones((3, 3), int))
+    return image, classes, instances.astype(np.int32)
+
+
+def prepare_folders(src, out, use_augmented: bool = False, channels: int = 3,
+                    progress: bool = True) -> list[Path]:
+    """Prepare each split folder (``train``, ``valid``, ``test``) found under ``src`` into ``out/<split>``."""
+    src = Path(src)
+    splits = [s for s in SPLITS if (src / s).is_dir()]
+    if not splits:
+        raise FileNotFoundError(f"{src} has none of the split folders {SPLITS}")
+    written = []
+    for split in splits:
+        pairs = find_folder_pairs(src / split, use_augmented)
+        shapes = [read_folder_sample(i, m, channels)[0].shape for i, m in pairs]
+        with PreparedWriter(Path(out) / split, shapes, CLASS_NAMES, source=str(src / split),
+                            extra_meta={"dataset": "folders", "use_augmented": use_augmented}) as w:
+            for k, (image_path, mask_path) in enumerate(
+                tqdm(pairs, desc=f"{split} → {out}", disable=not progress)
+            ):
+                image, classes, instances = read_folder_sample(image_path, mask_path, channels)
+                w.write(k, image, classes, instances, name=image_path.stem)
+        written.append(Path(out) / split)
+    return written
