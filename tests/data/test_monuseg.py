@@ -1,0 +1,99 @@
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from xsight_keras.data import (
+    PreparedDataset,
+    find_monuseg_pairs,
+    prepare_monuseg,
+    rasterize_polygons,
+    read_aperio_polygons,
+    read_monuseg_sample,
+)
+
+SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "monuseg-sample"
+
+XML = """<?xml version="1.0"?>
+<Annotations MicronsPerPixel="0.25">
+ <Annotation Id="1"><Regions>
+  {regions}
+ </Regions></Annotation>
+</Annotations>"""
+
+
+def region(rid, points):
+    vertices = "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in points)
+    return f'<Region Id="{rid}"><Attributes/><Vertices>{vertices}</Vertices></Region>'
+
+
+def write_pair(folder: Path, stem: str, regions, size=(40, 50)):
+    folder.mkdir(parents=True, exist_ok=True)
+    image = np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)
+    cv2.imwrite(str(folder / f"{stem}.tif"), image)
+    (folder / f"{stem}.xml").write_text(XML.format(regions="\n".join(regions)))
+    return image
+
+
+def test_polygons_fill_instances_later_ones_win_and_are_clipped(tmp_path):
+    regions = [
+        region(1, [(2, 2), (12, 2), (12, 12), (2, 12)]),
+        region(2, [(10.4, 10.4), (20, 10.4), (20, 20), (10.4, 20)]),  # overlaps the first
+        region(3, [(-2.9, 30), (8, 30), (8, 45.7), (-2.9, 45.7)]),     # runs outside the image
+    ]
+    image = write_pair(tmp_path, "a", regions)
+    got_image, instances = read_monuseg_sample(tmp_path / "a.tif", tmp_path / "a.xml")
+    np.testing.assert_array_equal(got_image, image[..., ::-1])  # written BGR, read RGB
+    assert instances.dtype == np.int32 and instances.shape == (40, 50)
+    assert instances[5, 5] == 1 and instances[11, 11] == 2 and instances[15, 15] == 2
+    assert instances[35, 0] == 3 and instances[39, 8] == 3  # clipped to the last row/column
+    assert sorted(np.unique(instances)) == [0, 1, 2, 3]
+
+
+def test_bad_annotations_are_clear_errors(tmp_path):
+    (tmp_path / "broken.xml").write_text("<Annotations><Region>")
+    with pytest.raises(ValueError, match="broken.xml: malformed XML"):
+        read_aperio_polygons(tmp_path / "broken.xml")
+    (tmp_path / "few.xml").write_text(XML.format(regions=region(7, [(1, 1), (2, 2)])))
+    with pytest.raises(ValueError, match="few.xml: region Id=7 has 2 vertices"):
+        read_aperio_polygons(tmp_path / "few.xml")
+    (tmp_path / "nan.xml").write_text(XML.format(
+        regions='<Region Id="4"><Vertices><Vertex X="1"/><Vertex X="2" Y="3"/><Vertex X="4" Y="1"/></Vertices></Region>'))
+    with pytest.raises(ValueError, match="nan.xml: region Id=4 has a vertex without numeric"):
+        read_aperio_polygons(tmp_path / "nan.xml")
+    write_pair(tmp_path / "set", "ok", [region(1, [(1, 1), (5, 1), (5, 5)])])
+    cv2.imwrite(str(tmp_path / "set" / "lonely.tif"), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(FileNotFoundError, match="lonely.tif"):
+        find_monuseg_pairs(tmp_path / "set")
+    (tmp_path / "set" / "lonely.xml").write_text(XML.format(regions=""))
+    (tmp_path / "set" / "lonely.tif").write_bytes(b"II*\x00garbage")
+    with pytest.raises(ValueError, match="lonely.tif: cannot be decoded"):
+        prepare_monuseg(tmp_path / "set", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_release_layout_is_paired_by_name(tmp_path):
+    root = tmp_path / "MoNuSeg 2018 Training Data"
+    write_pair(root / "Tissue Images", "TCGA-1", [region(1, [(1, 1), (9, 1), (9, 9)])])
+    (root / "Annotations").mkdir()
+    (root / "Tissue Images" / "TCGA-1.xml").rename(root / "Annotations" / "TCGA-1.xml")
+    prepare_monuseg(root, tmp_path / "prepared", progress=False)
+    ds = PreparedDataset(tmp_path / "prepared")
+    assert ds.names == ["TCGA-1"] and ds.instance_counts.tolist() == [0, 1]
+    assert set(np.unique(ds[0].classes)) == {0, 1}
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="shared MoNuSeg sample not present")
+def test_real_monuseg_files(tmp_path):
+    expected = {"TCGA-A7-A13E-01Z-00-DX1": 314, "TCGA-B0-5710-01Z-00-DX1": 359,
+                "TCGA-CH-5767-01Z-00-DX1": 294, "TCGA-NH-A8F7-01A-01-TS1": 363}
+    pairs = find_monuseg_pairs(SAMPLE)
+    assert [p.stem for p, _ in pairs] == sorted(expected)
+    for image_path, xml_path in pairs[:2]:
+        assert len(read_aperio_polygons(xml_path)) == expected[image_path.stem]
+    prepare_monuseg(SAMPLE, tmp_path / "train", progress=False)
+    ds = PreparedDataset(tmp_path / "train")
+    assert ds.arrays["images"].shape == (4, 1000, 1000, 3)
+    assert [int(ds[i].instances.max()) for i in range(4)] == [expected[n] for n in ds.names]
+    assert 0.1 < ds.pixel_counts[1] / ds.pixel_counts.sum() < 0.5  # nuclei cover a plausible share

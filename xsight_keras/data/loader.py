@@ -1,0 +1,271 @@
+"""Batches for ``model.fit``: a torch ``DataLoader`` over a prepared split.
+
+Every sample is addressed by ``(epoch, index)``: the batch sampler, which runs in the main
+process, stamps the epoch into each index. Whatever a schedule says for that epoch (training
+size, augmentation level) therefore takes effect at exactly that epoch in every worker process,
+persistent or not, and every random choice (crop, augmentation, MixUp) is a pure function of
+``(seed, epoch, index)``: the same seed gives the same batches with 0 or N workers.
+
+Pipeline per sample: read (memory-mapped) → random crop / resize to the epoch's size →
+augmentation at the epoch's level (uint8, joint with the masks) → CLAHE + z-score →
+targets (one-hot, sparse or binary; per-scale for PGU-Net). Colour augmentation acts on the raw
+RGB image, as it expects; the network always sees the same normalisation as at inference.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from xsight_keras.data.augment import augment_sample, build_augmentation, mixup
+from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
+from xsight_keras.data.prepared import PreparedDataset
+
+TARGET_KINDS = ("onehot", "sparse", "binary")
+
+
+def parse_schedule(spec) -> dict[int, int]:
+    """Normalise a per-epoch schedule to ``{first_epoch: value}``.
+
+    Accepts an int (constant), a dict, or a string ``"0:128,10:256"`` (epoch:value pairs, epochs
+    counted from 0). The first entry must start at epoch 0.
+    """
+    if spec is None:
+        return {}
+    if isinstance(spec, (int, np.integer)):
+        return {0: int(spec)}
+    if isinstance(spec, str):
+        try:
+            spec = dict(tuple(int(v) for v in item.split(":")) for item in spec.split(",") if item)
+        except ValueError as exc:
+            raise ValueError(f"schedule {spec!r}: expected 'epoch:value,epoch:value'") from exc
+    schedule = {int(k): int(v) for k, v in dict(spec).items()}
+    if schedule and min(schedule) != 0:
+        raise ValueError(f"schedule {schedule} must start at epoch 0")
+    return dict(sorted(schedule.items()))
+
+
+def value_at(schedule: dict[int, int], epoch: int, default=None):
+    """The value of ``schedule`` in force at ``epoch`` (the last entry whose epoch ≤ ``epoch``)."""
+    value = default
+    for start, v in schedule.items():
+        if start <= epoch:
+            value = v
+    return value
+
+
+def _fit_to_size(arrays, size: int, rng, random_crop: bool, resize: bool):
+    """Crop (random or central) or resize image + masks to ``size``×``size``; reflect-pad if small."""
+    image, masks = arrays
+    h, w = image.shape[:2]
+    if resize and (h, w) != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if h > size else cv2.INTER_LINEAR)
+        if image.ndim == 2:
+            image = image[..., None]
+        masks = [cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) for m in masks]
+        return image, masks
+    if h < size or w < size:
+        ph, pw = max(size - h, 0), max(size - w, 0)
+        pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        image = np.pad(image, pads + ((0, 0),), mode="reflect")
+        masks = [np.pad(m, pads, mode="reflect") for m in masks]
+        h, w = image.shape[:2]
+    if random_crop:
+        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    else:
+        y, x = (h - size) // 2, (w - size) // 2
+    return image[y:y + size, x:x + size], [m[y:y + size, x:x + size] for m in masks]
+
+
+class SegmentationDataset(Dataset):
+    """Training/validation samples from a :class:`PreparedDataset`, indexed by ``(epoch, index)``.
+
+    Arguments:
+        dataset: a prepared split (or its folder).
+        size: training size, an int or a schedule (``"0:128,10:256"``); ``None`` keeps the stored
+            size (all samples must then share one size to be batched).
+        level: augmentation level 0–4, an int or a schedule; forced to 0 when ``train=False``.
+        resize_mode: ``"crop"`` (random crop for training, central for validation) or ``"resize"``.
+        target: ``"onehot"`` float32 (H, W, K), ``"sparse"`` int32 (H, W), or ``"binary"`` float32
+            (H, W, 1) = any nucleus.
+        scales: PGU-Net output scales, e.g. ``(1, 2, 4)``: targets become a dict with ``"fused"``
+            and ``"scale_s"`` (nearest-downsampled by s).
+        data_format: layout of images and one-hot targets, ``"channels_last"`` or ``"channels_first"``.
+
+    Item: ``(image float32 (H, W, C), targets, (epoch, index))``.
+    """
+
+    def __init__(self, dataset, *, size=None, level=0, resize_mode="crop", train=True,
+                 preprocess: PreprocessConfig = PreprocessConfig(), target="onehot",
+                 num_classes: int | None = None, scales: Iterable[int] | None = None,
+                 data_format="channels_last", seed: int = 0):
+        self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
+        if target not in TARGET_KINDS:
+            raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
+        if resize_mode not in ("crop", "resize"):
+            raise ValueError(f"resize_mode must be 'crop' or 'resize', got {resize_mode!r}")
+        self.size_schedule = parse_schedule(size)
+        self.level_schedule = parse_schedule(level) if train else {0: 0}
+        self.resize_mode = resize_mode
+        self.train = train
+        self.preprocess = preprocess
+        self.target = target
+        self.num_classes = num_classes or self.dataset.num_classes
+        self.scales = tuple(scales) if scales else None
+        self.data_format = data_format
+        self.seed = seed
+        self._augmentations: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def size_at(self, epoch: int) -> int | None:
+        return value_at(self.size_schedule, epoch)
+
+    def level_at(self, epoch: int) -> int:
+        return value_at(self.level_schedule, epoch, 0)
+
+    def _augmentation(self, level: int):
+        if level not in self._augmentations:  # built lazily, once per level and process
+            self._augmentations[level] = build_augmentation(level)
+        return self._augmentations[level]
+
+    def _targets(self, classes: np.ndarray):
+        if self.target == "sparse":
+            return classes.astype(np.int32)
+        if self.target == "binary":
+            t = (classes > 0).astype(np.float32)[..., None]
+        else:
+            if classes.max(initial=0) >= self.num_classes:
+                raise ValueError(f"{self.dataset.root}: class {int(classes.max())} ≥ num_classes "
+                                 f"{self.num_classes}")
+            t = (classes[..., None] == np.arange(self.num_classes, dtype=np.uint8)).astype(np.float32)
+        return t if self.data_format == "channels_last" else np.ascontiguousarray(t.transpose(2, 0, 1))
+
+    def sample(self, epoch: int, index: int):
+        """Image and targets of sample ``index`` as seen at ``epoch`` (see class docstring)."""
+        rng = np.random.default_rng([self.seed, epoch, index])
+        item = self.dataset[index]
+        image, masks = item.image, [item.classes]
+        size = self.size_at(epoch)
+        if size is not None:
+            image, masks = _fit_to_size((image, masks), size, rng, self.train,
+                                        self.resize_mode == "resize")
+        level = self.level_at(epoch)
+        if level:
+            image, masks = augment_sample(self._augmentation(level), np.ascontiguousarray(image),
+                                          [np.ascontiguousarray(m) for m in masks],
+                                          seed=rng.integers(2**31))
+        x = preprocess_image(np.ascontiguousarray(image), self.preprocess)
+        if self.data_format == "channels_first":
+            x = np.ascontiguousarray(x.transpose(2, 0, 1))
+        classes = masks[0]
+        if self.scales is None:
+            return x, self._targets(classes)
+        targets = {"fused": self._targets(classes)}
+        for s in self.scales:
+            targets[f"scale_{s}"] = self._targets(classes[::s, ::s]) if s > 1 else targets["fused"]
+        return x, targets
+
+    def __getitem__(self, key):
+        epoch, index = key
+        x, y = self.sample(epoch, index)
+        return x, y, (epoch, index)
+
+
+class EpochBatchSampler(Sampler):
+    """Yields batches of ``(epoch, index)`` keys; each pass over it is the next epoch.
+
+    Shuffling is seeded by ``(seed, epoch)``. ``set_epoch`` (e.g. when resuming) sets the epoch of
+    the next pass. With ``drop_last`` the last incomplete batch is dropped (training).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, shuffle=True, drop_last=True, seed=0,
+                 start_epoch: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        if drop_last and batch_size > num_samples:
+            raise ValueError(f"batch size {batch_size} is larger than the dataset ({num_samples} "
+                             f"samples): no complete batch")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.epoch = start_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch += 1
+        order = np.arange(self.num_samples)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        for b in range(len(self)):
+            yield [(epoch, int(i)) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+
+
+class BatchCollator:
+    """Stack samples into torch tensors and apply MixUp (seeded by the batch's first key)."""
+
+    def __init__(self, mixup_alpha: float = 0.0, seed: int = 0):
+        self.mixup_alpha = mixup_alpha
+        self.seed = seed
+
+    def __call__(self, items):
+        images = np.stack([it[0] for it in items])
+        if isinstance(items[0][1], dict):
+            targets = {k: np.stack([it[1][k] for it in items]) for k in items[0][1]}
+        else:
+            targets = np.stack([it[1] for it in items])
+        if self.mixup_alpha > 0:
+            epoch, index = items[0][2]
+            rng = np.random.default_rng([self.seed, epoch, index, 7])
+            images, targets = mixup(images, targets, self.mixup_alpha, rng)
+        to_tensor = torch.from_numpy
+        if isinstance(targets, dict):
+            return to_tensor(images), {k: to_tensor(v) for k, v in targets.items()}
+        return to_tensor(images), to_tensor(targets)
+
+
+def _worker_init(_):
+    cv2.setNumThreads(1)  # workers are the parallelism; nested OpenCV threads only contend
+    torch.set_num_threads(1)
+
+
+def make_loader(dataset: SegmentationDataset, batch_size: int, *, shuffle: bool | None = None,
+                num_workers: int = 0, mixup_alpha: float = 0.0, drop_last: bool | None = None,
+                start_epoch: int = 0) -> DataLoader:
+    """A ``DataLoader`` that feeds ``model.fit`` / ``model.evaluate`` directly.
+
+    Yields ``(images, targets)`` torch tensors: images float32 (B, H, W, C) (channels first if
+    the dataset says so), targets as the dataset builds them (a dict for PGU-Net scales).
+    Training datasets shuffle and drop the last incomplete batch by default; MixUp needs one-hot
+    or binary targets. Workers are persistent: the epoch travels with every index.
+    """
+    train = dataset.train
+    shuffle = train if shuffle is None else shuffle
+    drop_last = train if drop_last is None else drop_last
+    if mixup_alpha > 0 and dataset.target == "sparse":
+        raise ValueError("MixUp needs one-hot or binary targets, not sparse ones")
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, drop_last, dataset.seed, start_epoch)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=BatchCollator(mixup_alpha if train else 0.0, dataset.seed),
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        # fork after OpenCV has started its thread pool can deadlock the child; forkserver
+        # children start from a clean process
+        multiprocessing_context="forkserver" if num_workers > 0 else None,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
