@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--folds", type=int, nargs="+", help="default: every fold found")
-    p.add_argument("--chunk_size", type=int, default=64)
+    p.add_argument("--chunk_size", type=int, default=16)
     p = sub.add_parser("monuseg", help="MoNuSeg .tif images with Aperio XML annotations")
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True)

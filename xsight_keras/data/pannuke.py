@@ -104,7 +104,7 @@ def masks_to_maps(masks: np.ndarray, source: str = "masks.npy") -> tuple[np.ndar
     return classes, instances
 
 
-def prepare_pannuke_fold(files: dict[str, Path], out_dir, chunk_size: int = 64,
+def prepare_pannuke_fold(files: dict[str, Path], out_dir, chunk_size: int = 16,
                          progress: bool = True) -> Path:
     """Convert one PanNuke fold to a prepared split in ``out_dir``.
 
@@ -129,16 +129,20 @@ def prepare_pannuke_fold(files: dict[str, Path], out_dir, chunk_size: int = 64,
     if unknown:
         raise ValueError(f"{files['types']}: unknown tissue types {unknown[:5]}")
     h, w = images.shape[1:3]
+    del images, masks
     with PreparedWriter(out_dir, [(h, w, 3)] * n, CLASS_NAMES, source=str(files["images"].parent),
                         extra_meta={"tissues": types, "dataset": "pannuke"}) as writer:
         for start in tqdm(range(0, n, chunk_size), desc=f"PanNuke → {out_dir}", unit="chunk",
                           disable=not progress):
             stop = min(start + chunk_size, n)
-            chunk = np.asarray(images[start:stop], dtype=np.float32)
+            # Re-map per chunk: a mapping held for the whole fold would keep every page read so
+            # far resident (about 12 GB for a fold of float64 images and masks).
+            chunk = np.asarray(_load(files["images"])[start:stop], dtype=np.float32)
+            mask_chunk = np.array(_load(files["masks"])[start:stop])
             if not np.isfinite(chunk).all() or chunk.min() < 0 or chunk.max() > 255.5:
                 raise ValueError(f"{files['images']}: tiles {start}–{stop - 1} have values "
                                  f"outside 0–255 (or non-finite)")
-            classes, instances = masks_to_maps(np.asarray(masks[start:stop]), str(files["masks"]))
+            classes, instances = masks_to_maps(mask_chunk, str(files["masks"]))
             image_u8 = np.clip(np.rint(chunk), 0, 255).astype(np.uint8)
             for i in range(stop - start):
                 writer.write(start + i, image_u8[i], classes[i], instances[i], name=f"{start + i}")
@@ -152,7 +156,7 @@ def _load(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: cannot be read as a .npy array ({exc}); truncated?") from exc
 
 
-def prepare_pannuke(src, out, folds=None, chunk_size: int = 64, progress: bool = True) -> list[Path]:
+def prepare_pannuke(src, out, folds=None, chunk_size: int = 16, progress: bool = True) -> list[Path]:
     """Prepare every fold found under ``src`` (or only ``folds``) into ``out/fold{k}``."""
     found = find_pannuke_folds(src)
     wanted = sorted(found) if folds is None else list(folds)

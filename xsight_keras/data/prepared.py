@@ -102,11 +102,14 @@ class PreparedWriter:
         else:
             h, w, c = (int(v) for v in self.shapes[0]) if n else (0, 0, 3)
             array_shapes = {"images": (n, h, w, c), "classes": (n, h, w), "instances": (n, h, w)}
-        self.arrays = {
-            key: np.lib.format.open_memmap(self.tmp / f"{key}.npy", mode="w+", dtype=DTYPES[key],
-                                           shape=array_shapes[key])
-            for key in ARRAYS
-        }
+        for key in ARRAYS:  # create each file at its full size, then map it only while writing
+            np.lib.format.open_memmap(self.tmp / f"{key}.npy", mode="w+", dtype=DTYPES[key],
+                                      shape=array_shapes[key])
+
+    def _map(self, key):
+        # A short-lived mapping per write keeps resident memory at one sample: pages of a
+        # long-lived mapping count against the process until it is closed.
+        return np.load(self.tmp / f"{key}.npy", mmap_mode="r+")
 
     def write(self, index: int, image, classes, instances, name: str = "") -> None:
         """Store sample ``index``: ``image`` uint8 (H, W, C), ``classes`` uint8 (H, W), ``instances`` int (H, W)."""
@@ -119,15 +122,16 @@ class PreparedWriter:
         if classes.size and int(classes.max()) >= len(self.class_names):
             raise ValueError(f"sample {index} ({name}): class {int(classes.max())} out of range "
                              f"for {len(self.class_names)} classes")
-        if self.ragged:
-            a, b = self.offsets[index], self.offsets[index + 1]
-            self.arrays["images"][a:b] = image.reshape(-1, expected[2])
-            self.arrays["classes"][a:b] = classes.ravel()
-            self.arrays["instances"][a:b] = instances.ravel()
-        else:
-            self.arrays["images"][index] = image
-            self.arrays["classes"][index] = classes
-            self.arrays["instances"][index] = instances
+        values = {"images": image, "classes": classes, "instances": instances}
+        for key, value in values.items():
+            target = self._map(key)
+            if self.ragged:
+                a, b = self.offsets[index], self.offsets[index + 1]
+                target[a:b] = value.reshape(b - a, -1) if key == "images" else value.ravel()
+            else:
+                target[index] = value
+            target.flush()
+            del target
         pixels, nuclei = count_classes(classes[None], instances[None], len(self.class_names))
         self.pixels += pixels
         self.nuclei += nuclei
@@ -139,9 +143,6 @@ class PreparedWriter:
         if not self._written.all():
             missing = np.flatnonzero(~self._written)[:5].tolist()
             raise RuntimeError(f"{self.out_dir}: samples {missing} were never written")
-        for array in self.arrays.values():
-            array.flush()
-        self.arrays.clear()
         if self.ragged:
             np.save(self.tmp / "shapes.npy", self.shapes)
             np.save(self.tmp / "offsets.npy", self.offsets)
@@ -165,7 +166,6 @@ class PreparedWriter:
         return self.out_dir
 
     def abort(self) -> None:
-        self.arrays.clear()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self):
