@@ -140,3 +140,14 @@ def test_channels_first_and_sparse_targets(demo):
     assert x.shape == (3, 64, 64) and y.shape == (64, 64) and y.dtype == np.int32
     raw = PreparedDataset(demo["valid"])[0]
     np.testing.assert_array_equal(y, raw.classes[96:160, 96:160])  # central crop for validation
+
+
+def test_hed_jitter_is_exact_at_identity_and_moves_the_haematoxylin_stain():
+    from xsight_keras.data.augment import hed_jitter
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(hed_jitter(image, [1, 1, 1], [0, 0, 0]), image)
+    nucleus = np.full((8, 8, 3), (92, 40, 120), np.uint8)  # haematoxylin-rich purple
+    stronger = hed_jitter(nucleus, [1.3, 1, 1], [0, 0, 0])
+    assert stronger.mean() < nucleus.mean()  # more stain absorbs more light

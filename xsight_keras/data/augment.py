@@ -8,10 +8,57 @@ interpolation, so labels stay aligned with their pixels and no new label values 
 
 from __future__ import annotations
 
+import albumentations as A
 import cv2
 import numpy as np
+from skimage.color import hed_from_rgb, rgb_from_hed
 
 MAX_LEVEL = 4
+# uint8 intensity -> optical density, -ln((I + 1) / 256)
+_OPTICAL_DENSITY = (-np.log((np.arange(256, dtype=np.float64) + 1) / 256)).astype(np.float32)
+_SKIMAGE_OD_SCALE = float(-np.log(1e-6))  # skimage expresses stain concentrations in OD / this
+
+
+def hed_jitter(image: np.ndarray, alpha, beta) -> np.ndarray:
+    """Perturb the haematoxylin, eosin and DAB concentrations of an RGB uint8 image.
+
+    Tellez et al. 2018: in the Ruifrok–Johnston HED space (scikit-image's matrices) each stain
+    concentration becomes ``c * alpha + beta``. Being linear in optical density, the whole change
+    is one 3×3 affine map applied with OpenCV: about 1 ms for 256×256 (albumentations' HEStain
+    solves a least-squares problem per call, about 8 ms). Returns uint8 (H, W, 3).
+    """
+    alpha = np.asarray(alpha, np.float64)
+    beta = np.asarray(beta, np.float64)
+    transform = hed_from_rgb @ np.diag(alpha) @ rgb_from_hed  # row vectors: od' = od @ transform
+    offset = _SKIMAGE_OD_SCALE * beta @ rgb_from_hed
+    matrix = np.hstack([transform.T, offset[:, None]]).astype(np.float32)
+    od = cv2.transform(cv2.LUT(image, _OPTICAL_DENSITY), matrix)
+    return cv2.convertScaleAbs(cv2.exp(-od), alpha=256, beta=-1)
+
+
+class HEDJitter(A.ImageOnlyTransform):
+    """Albumentations transform for :func:`hed_jitter` on RGB uint8 images (grayscale passes).
+
+    ``sigma``: alpha ~ U(1 - sigma, 1 + sigma) and beta ~ U(-sigma, sigma) per stain
+    (Tellez et al. use 0.05 for "HED-light" and 0.2 for "HED-strong").
+    """
+
+    def __init__(self, sigma: float = 0.05, p: float = 0.5):
+        super().__init__(p=p)
+        self.sigma = float(sigma)
+
+    def get_params(self):
+        rng = self.random_generator
+        return {"alpha": rng.uniform(1 - self.sigma, 1 + self.sigma, 3),
+                "beta": rng.uniform(-self.sigma, self.sigma, 3)}
+
+    def apply(self, img, alpha, beta, **params):
+        if img.ndim != 3 or img.shape[-1] != 3 or img.dtype != np.uint8:
+            return img
+        return hed_jitter(img, alpha, beta)
+
+    def get_transform_init_args_names(self):
+        return ("sigma",)
 
 
 def build_augmentation(level: int):
@@ -19,8 +66,6 @@ def build_augmentation(level: int):
 
     Call it as ``aug(image=uint8 (H, W, C), masks=[classes, instances])``.
     """
-    import albumentations as A
-
     if not 0 <= level <= MAX_LEVEL:
         raise ValueError(f"augmentation level must be 0..{MAX_LEVEL}, got {level}")
     if level == 0:
@@ -37,8 +82,7 @@ def build_augmentation(level: int):
         transforms += [
             A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=10, p=0.5),
             A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
-            A.HEStain(method="random_preset", intensity_scale_range=(0.85, 1.15),
-                      intensity_shift_range=(-0.05, 0.05), p=0.15),  # ~8 ms a call
+            HEDJitter(sigma=0.05, p=0.5),
         ]
     if level >= 3:
         transforms += [

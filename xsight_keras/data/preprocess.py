@@ -78,5 +78,9 @@ def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessCon
             raise ValueError(f"dataset mean/std have {len(mean)} channels, the image {channels}")
     else:
         mean, std = np.zeros(channels), np.full(channels, 255.0)
-    scale = (1.0 / std).astype(np.float32)
-    return image.astype(np.float32) * scale - (mean * scale).astype(np.float32)
+    # One affine map per channel through OpenCV: several times faster than numpy arithmetic.
+    matrix = np.zeros((channels, channels + 1), np.float32)
+    matrix[np.arange(channels), np.arange(channels)] = 1.0 / std
+    matrix[:, -1] = -mean / std
+    out = cv2.transform(image.astype(np.float32), matrix)
+    return out.reshape(image.shape)
