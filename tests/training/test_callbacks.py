@@ -1,0 +1,116 @@
+import keras
+import numpy as np
+import pytest
+
+from xsight_keras.training.callbacks import (
+    BestCheckpoint,
+    ExponentialMovingAverage,
+    StochasticWeightAveraging,
+    save_model_atomically,
+    update_batch_norm,
+)
+
+
+def tiny_model():
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    outputs = keras.layers.Conv2D(1, 1, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+def data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8, 8, 2)).astype("float32")
+    return x, (x[..., :1] * 2 - x[..., 1:] + 0.5).astype("float32")
+
+
+class RecordValidationWeights(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_test_begin(self, logs=None):
+        self.seen.append(self.model.get_layer("conv").get_weights()[0].copy())
+
+
+def test_ema_weights_are_validated_and_training_continues_on_raw_weights():
+    keras.utils.set_random_seed(0)
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    x, y = data()
+    ema = ExponentialMovingAverage(decay=0.9)
+    recorder = RecordValidationWeights()
+    model.fit(x, y, batch_size=8, epochs=2, validation_data=(x, y), callbacks=[ema, recorder], verbose=0)
+    raw = model.get_layer("conv").get_weights()[0]
+    averaged = ema.ema_weights()[0]
+    assert not np.allclose(raw, averaged)  # the average lags behind the raw weights
+    np.testing.assert_allclose(recorder.seen[-1], averaged, rtol=1e-6)  # validation used the EMA
+    # after fit the model holds the raw weights, and a second fit continues from them
+    np.testing.assert_array_equal(model.get_layer("conv").get_weights()[0], raw)
+    before_second = raw.copy()
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[ema], verbose=0)
+    first_step_start = model.get_layer("conv").get_weights()[0]
+    assert not np.allclose(first_step_start, averaged)
+    assert np.abs(first_step_start - before_second).max() < np.abs(first_step_start - averaged).max() * 10
+
+
+def test_ema_equals_the_recurrence_by_hand():
+    keras.utils.set_random_seed(1)
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    x, y = data(16)
+    ema = ExponentialMovingAverage(decay=0.5)
+    snapshots = []
+
+    class Snap(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            snapshots.append(keras.ops.convert_to_numpy(self.model.trainable_weights[0]).copy())
+
+    initial = keras.ops.convert_to_numpy(model.trainable_weights[0]).copy()
+    model.fit(x, y, batch_size=8, epochs=1, callbacks=[Snap(), ema], verbose=0, shuffle=False)
+    expected = initial
+    for n, w in enumerate(snapshots):
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w
+    np.testing.assert_allclose(ema.ema_weights()[0], expected, rtol=1e-5)
+
+
+def test_swa_average_is_the_mean_of_epoch_snapshots_and_bn_is_reestimated():
+    keras.utils.set_random_seed(2)
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    x, y = data()
+    snapshots = []
+
+    class Snap(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch >= 2:
+                snapshots.append(self.model.get_layer("head").get_weights()[0].copy())
+
+    swa = StochasticWeightAveraging(start_epoch=2)
+    model.fit(x, y, batch_size=8, epochs=5, callbacks=[Snap(), swa], verbose=0)
+    assert swa.count == 3
+    averaged = swa.averaged_model()
+    np.testing.assert_allclose(averaged.get_layer("head").get_weights()[0], np.mean(snapshots, 0), rtol=1e-5)
+    batches = [x[i:i + 8] for i in range(0, 32, 8)]
+    assert update_batch_norm(averaged, batches) == 4
+    conv = keras.Model(averaged.inputs, averaged.get_layer("conv").output)
+    batch_means = [conv.predict(b, verbose=0).mean(axis=(0, 1, 2)) for b in batches]
+    moving_mean = keras.ops.convert_to_numpy(averaged.get_layer("bn").moving_mean)
+    np.testing.assert_allclose(moving_mean, np.mean(batch_means, 0), rtol=1e-4, atol=1e-5)
+
+
+def test_checkpoint_never_saves_non_finite_weights(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "best.keras"
+    save_model_atomically(model, path)
+    good = path.read_bytes()
+    model.get_layer("head").set_weights([np.full((1, 1, 4, 1), np.nan, "float32"), np.zeros(1, "float32")])
+    with pytest.raises(ValueError, match="NaN"):
+        save_model_atomically(model, path)
+    assert path.read_bytes() == good
+    checkpoint = BestCheckpoint(path, monitor="val_score", mode="max", verbose=False)
+    checkpoint.set_model(model)
+    checkpoint.on_epoch_end(0, {"val_score": 0.9})  # improved, but NaN weights: keep the old file
+    assert path.read_bytes() == good and checkpoint.best_epoch is None

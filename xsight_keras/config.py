@@ -1,0 +1,212 @@
+"""One typed configuration for a run: defaults ← preset YAML ← ``--config`` file ← CLI flags.
+
+The resolved configuration is written to ``config.json`` in the run directory and is enough to
+rebuild the model and its preprocessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a training run. Field comments give units and accepted values."""
+
+    # experiment
+    experiment_name: str = "run"
+    output_dir: str = "outputs"
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda
+    overwrite: bool = False
+    # data
+    dataset: str = "demo"  # demo | pannuke | monuseg | folders
+    data_root: str = "data/demo"  # folder holding the prepared splits
+    train_split: str = "train"
+    val_split: str = "valid"
+    test_split: str = "test"
+    num_classes: int = 6
+    in_channels: int = 3
+    input_size: int = 256  # training crop/resize size when not progressive
+    val_size: int | None = None  # central crop for validation; None keeps the stored size
+    progressive: bool = False
+    size_schedule: str | None = None  # e.g. "0:128,10:256" (epoch:size), used when progressive
+    aug_schedule: str = "0:1"  # epoch:level, levels 0-4
+    resize_mode: str = "crop"  # crop | resize
+    use_augmented: bool = False  # folders: include flipped_/mirrored_/rotated_ copies
+    num_workers: int = 0
+    clahe_clip_limit: float = 2.0
+    clahe_grid: tuple[int, int] = (8, 8)
+    zscore: str = "image"  # image | dataset | none
+    mixup_alpha: float = 0.0
+    # model
+    model: str = "attention_unet"  # attention_unet | progressive_unet
+    encoder: str = "resnet34"
+    encoder_weights: str | None = None  # None | imagenet | path
+    decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
+    base_filters: int = 32  # progressive_unet
+    dropout: float = 0.0
+    data_format: str = "channels_first"  # faster on the torch backend
+    # optimisation
+    epochs: int = 50
+    batch_size: int = 8
+    optimizer: str = "adamw"  # adamw | adam
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip_val: float | None = 1.0
+    lr_schedule: str = "onecycle"  # onecycle | warmup_cosine | constant
+    warmup_epochs: int = 2
+    min_lr_factor: float = 0.01
+    steps_per_epoch: int | None = None  # None: one pass over the training split
+    # loss
+    loss: str = "hybrid"  # hybrid | dice | fw_dice | focal | ce | bce_dice
+    dice_weight: float = 1.0
+    focal_weight: float = 1.0
+    boundary_weight: float = 0.5
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    frequency_weighting: bool = True  # Dice class weights from the training split's pixel counts
+    # regularisation and averaging
+    use_mixed_precision: bool = False
+    jit_compile: bool = False
+    use_ema: bool = False
+    ema_decay: float = 0.999
+    use_swa: bool = False
+    swa_start_epoch: int = 10
+    early_stopping_patience: int | None = None
+    tta_val: bool = False
+    # PGU-Net
+    stages: tuple[int, ...] = (1, 2, 3, 4)
+    epochs_per_stage: int = 10
+    batch_sizes: str = "32:64,64:32,128:16,256:8"  # resolution:batch size
+    scale_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)  # fused, then coarser scales
+    # logging
+    tensorboard_images: int = 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.experiment_name
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
+
+
+def _coerce(name: str, value):
+    """Convert YAML/CLI values to the field's type (tuples from lists or comma strings)."""
+    default = getattr(RunConfig(), name)
+    kind = FIELD_TYPES[name]
+    if value is None:
+        return None
+    if isinstance(default, tuple) or "tuple" in str(kind):
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        item = float if "float" in str(kind) else int
+        return tuple(item(v) for v in value)
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{name}: expected true/false, got {value!r}")
+        return bool(value)
+    if isinstance(default, int) and not isinstance(default, bool) and "float" not in str(kind):
+        return int(value)
+    if isinstance(default, float) or "float" in str(kind):
+        return float(value)
+    return value
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | None = None, config_file=None, overrides: dict | None = None) -> RunConfig:
+    """Resolve a :class:`RunConfig` from a preset name, a YAML file and explicit overrides.
+
+    Later sources win. Unknown keys are an error that names the source and the key.
+    """
+    values: dict[str, Any] = {}
+    sources = []
+    if preset:
+        path = CONFIG_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"unknown preset {preset!r}; available: {available_presets()}")
+        sources.append((str(path), _read_yaml(path)))
+    if config_file:
+        sources.append((str(config_file), _read_yaml(Path(config_file))))
+    if overrides:
+        sources.append(("command line", overrides))
+    for source, data in sources:
+        for key, value in data.items():
+            if key not in FIELD_TYPES:
+                raise ValueError(f"{source}: unknown setting {key!r}")
+            try:
+                values[key] = _coerce(key, value)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{source}: bad value for {key!r}: {exc}") from exc
+    config = RunConfig(**values)
+    validate_config(config)
+    return config
+
+
+def validate_config(config: RunConfig) -> None:
+    """Raise ``ValueError`` for settings that cannot work together."""
+    choices = {
+        "dataset": ("demo", "pannuke", "monuseg", "folders"),
+        "model": ("attention_unet", "progressive_unet"),
+        "optimizer": ("adamw", "adam"),
+        "lr_schedule": ("onecycle", "warmup_cosine", "constant"),
+        "loss": ("hybrid", "dice", "fw_dice", "focal", "ce", "bce_dice"),
+        "data_format": ("channels_last", "channels_first"),
+        "device": ("auto", "cpu", "cuda"),
+        "resize_mode": ("crop", "resize"),
+    }
+    for key, allowed in choices.items():
+        if getattr(config, key) not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {getattr(config, key)!r}")
+    if config.epochs < 1 or config.batch_size < 1:
+        raise ValueError("epochs and batch_size must be at least 1")
+    if config.lr <= 0:
+        raise ValueError(f"lr must be positive, got {config.lr}")
+    if config.progressive and not config.size_schedule and config.model != "progressive_unet":
+        raise ValueError("progressive=True needs size_schedule (e.g. '0:128,10:256')")
+    if config.loss == "bce_dice" and config.num_classes != 1:
+        raise ValueError("loss 'bce_dice' is for binary masks: set num_classes: 1")
+
+
+def parse_batch_sizes(spec: str) -> dict[int, int]:
+    """``"32:64,64:32"`` → ``{32: 64, 64: 32}`` (resolution → batch size)."""
+    try:
+        return {int(a): int(b) for a, b in (item.split(":") for item in spec.split(",") if item)}
+    except ValueError as exc:
+        raise ValueError(f"batch_sizes {spec!r}: expected 'resolution:batch,...'") from exc
+
+
+__all__ = ["RunConfig", "available_presets", "load_config", "parse_batch_sizes", "validate_config"]

@@ -1,0 +1,286 @@
+"""Training callbacks: weight averaging (EMA, SWA), safe checkpoints, schedule and curve logging."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+
+from xsight_keras.models.layers import channel_axis
+
+
+def _is_finite(model: keras.Model) -> bool:
+    return all(np.isfinite(np.asarray(ops.convert_to_numpy(v))).all() for v in model.weights)
+
+
+def save_model_atomically(model: keras.Model, path) -> Path:
+    """Save ``model`` to ``path`` (``.keras``) through a temporary file and an atomic rename.
+
+    Refuses (``ValueError``) to save non-finite weights, so a NaN never replaces a good file.
+    A crash during the write leaves the previous file intact.
+    """
+    path = Path(path)
+    if not _is_finite(model):
+        raise ValueError(f"not saving {path}: the model has NaN or infinite weights")
+    tmp = path.with_name(f".{path.stem}.tmp.keras")
+    model.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class ExponentialMovingAverage(keras.callbacks.Callback):
+    """Keep an exponential moving average of the trainable weights; validate with it.
+
+    After each training batch: ``ema = d·ema + (1 − d)·w`` with ``d = min(decay, (1+n)/(10+n))``
+    (a short warm-up so early averages are not dominated by the initialisation). During
+    validation the model holds the EMA weights; afterwards the raw weights come back and training
+    continues on them. :meth:`applied` swaps the EMA weights in for any other use (checkpoints).
+
+    Unlike ``optimizer(use_ema=True)``, which makes every ``fit()`` end by overwriting the raw
+    weights with the averages (so a second ``fit``, e.g. the next progressive stage, would restart
+    from the EMA weights), this callback never changes the raw weights behind the user's back.
+    """
+
+    def __init__(self, decay: float = 0.999):
+        super().__init__()
+        self.decay = float(decay)
+        self.shadow = None
+        self.updates = 0
+        self._swapped = False
+
+    def on_train_begin(self, logs=None):
+        if self.shadow is None or len(self.shadow) != len(self.model.trainable_weights):
+            self.shadow = [ops.copy(v.value) for v in self.model.trainable_weights]
+            self.updates = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        n = self.updates
+        d = min(self.decay, (1.0 + n) / (10.0 + n))
+        self.shadow = [d * s + (1.0 - d) * ops.cast(v.value, s.dtype)
+                       for s, v in zip(self.shadow, self.model.trainable_weights)]
+        self.updates += 1
+
+    def _swap(self):
+        for i, v in enumerate(self.model.trainable_weights):
+            raw = ops.copy(v.value)
+            v.assign(self.shadow[i])
+            self.shadow[i] = raw
+        self._swapped = not self._swapped
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Context in which the model holds the EMA weights (no-op before any update)."""
+        active = self.shadow is not None and not self._swapped
+        if active:
+            self._swap()
+        try:
+            yield
+        finally:
+            if active:
+                self._swap()
+
+    def ema_weights(self) -> list[np.ndarray]:
+        """The current averages as numpy arrays, in ``model.trainable_weights`` order."""
+        with self.applied():
+            return [np.array(ops.convert_to_numpy(v)) for v in self.model.trainable_weights]
+
+    def on_test_begin(self, logs=None):
+        if self.shadow is not None and not self._swapped and self.updates:
+            self._swap()
+
+    def on_test_end(self, logs=None):
+        if self._swapped:
+            self._swap()
+
+
+class StochasticWeightAveraging(keras.callbacks.Callback):
+    """Average the weights at the end of every epoch from ``start_epoch`` (Izmailov et al. 2018).
+
+    The running mean covers all weights (BatchNorm statistics are re-estimated afterwards with
+    :func:`update_batch_norm`). :meth:`averaged_model` returns a copy of the model holding the
+    average; the model being trained is left as it is.
+    """
+
+    def __init__(self, start_epoch: int = 10):
+        super().__init__()
+        self.start_epoch = int(start_epoch)
+        self.average = None
+        self.count = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch < self.start_epoch:
+            return
+        weights = self.model.get_weights()
+        if self.average is None:
+            self.average = [w.astype(np.float64) for w in weights]
+        else:
+            self.average = [a + (w - a) / (self.count + 1) for a, w in zip(self.average, weights)]
+        self.count += 1
+
+    def averaged_model(self) -> keras.Model | None:
+        """A clone of the model with the averaged weights, or ``None`` before ``start_epoch``."""
+        if self.average is None:
+            return None
+        clone = keras.models.clone_model(self.model)
+        clone.set_weights([a.astype(w.dtype) for a, w in zip(self.average, self.model.get_weights())])
+        return clone
+
+
+def update_batch_norm(model: keras.Model, batches, max_batches: int | None = None) -> int:
+    """Re-estimate every BatchNorm's moving mean and variance as plain averages over ``batches``.
+
+    ``batches`` yields images or ``(images, targets)``. Used after SWA, whose averaged weights do
+    not match any statistics seen in training. Returns the number of batches used.
+    """
+    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    if not bns:
+        return 0
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.moving_mean.assign(ops.zeros_like(bn.moving_mean))
+        bn.moving_variance.assign(ops.ones_like(bn.moving_variance))
+    used = 0
+    try:
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            for bn in bns:  # new = old·(k-1)/k + batch/k : the running mean of batch statistics
+                bn.momentum = used / (used + 1.0)
+            model(x, training=True)
+            used += 1
+            if max_batches is not None and used >= max_batches:
+                break
+    finally:
+        for bn, m in zip(bns, momenta):
+            bn.momentum = m
+    return used
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """Save the model when ``monitor`` improves, with EMA weights when an EMA callback is given.
+
+    Writes atomically and never saves non-finite weights (it warns and keeps the previous file).
+    """
+
+    def __init__(self, path, monitor="val_mean_fg_dice", mode="max", ema=None, verbose=True):
+        super().__init__()
+        self.path = Path(path)
+        self.monitor, self.mode, self.ema, self.verbose = monitor, mode, ema, verbose
+        self.best = -np.inf if mode == "max" else np.inf
+        self.best_epoch = None
+
+    def _better(self, value):
+        return value > self.best if self.mode == "max" else value < self.best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or not np.isfinite(value) or not self._better(value):
+            return
+        context = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with context:
+            try:
+                save_model_atomically(self.model, self.path)
+            except ValueError as exc:
+                print(f"warning: epoch {epoch + 1}: {exc}; keeping {self.path}")
+                return
+        self.best, self.best_epoch = float(value), epoch
+        if self.verbose:
+            print(f"epoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
+
+
+class ScheduleLogger(keras.callbacks.Callback):
+    """Add the learning rate, training size and augmentation level of each epoch to the logs."""
+
+    def __init__(self, train_dataset=None):
+        super().__init__()
+        self.train_dataset = train_dataset
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        lr = self.model.optimizer.learning_rate
+        logs["lr"] = float(ops.convert_to_numpy(lr))
+        if self.train_dataset is not None:
+            size = self.train_dataset.size_at(epoch)
+            logs["train_size"] = float(size) if size else float("nan")
+            logs["aug_level"] = float(self.train_dataset.level_at(epoch))
+
+
+CLASS_COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 200, 40], [40, 90, 230], [240, 220, 40],
+                          [40, 220, 220], [200, 80, 200], [255, 140, 0]], np.uint8)
+
+
+def colourise(labels: np.ndarray) -> np.ndarray:
+    """Label map (H, W) int → RGB uint8 (H, W, 3) with one fixed colour per class."""
+    return CLASS_COLOURS[np.asarray(labels) % len(CLASS_COLOURS)]
+
+
+class TensorBoardLogger(keras.callbacks.Callback):
+    """TensorBoard event files without TensorFlow (tensorboardX): every logged scalar per epoch
+    and, for a few validation images, ground truth | prediction colour maps side by side."""
+
+    def __init__(self, log_dir, images=None, labels=None):
+        super().__init__()
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir))
+        self.images, self.labels = images, labels
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            if np.isscalar(value) and np.isfinite(value):
+                self.writer.add_scalar(key if key.startswith("val_") else f"train/{key}", value, epoch)
+        if self.images is not None and len(self.images):
+            probs = self.model.predict(self.images, verbose=0)
+            probs = probs["fused"] if isinstance(probs, dict) else probs
+            axis = channel_axis()
+            pred = (probs[..., 0] >= 0.5 if probs.shape[axis] == 1 and axis == -1 else
+                    probs[:, 0] >= 0.5 if probs.shape[axis] == 1 else np.argmax(probs, axis=axis))
+            for i, (truth, p) in enumerate(zip(self.labels, pred)):
+                panel = np.concatenate([colourise(truth), colourise(p)], axis=1)
+                self.writer.add_image(f"prediction/{i}", panel, epoch, dataformats="HWC")
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.writer.close()
+
+
+def plot_history(history_csv, out_png) -> Path:
+    """Plot every column of ``history.csv`` (losses, metrics, lr) against the epoch into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(history_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{history_csv} has no epochs to plot")
+    keys = [k for k in rows[0] if k != "epoch" and not k.startswith("val_")]
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    panels = [k for k in keys if k in ("loss", "lr", "mean_fg_dice", "mean_iou") or k.startswith("dice_")]
+    cols = 3
+    n_rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.5 * cols, 3.2 * n_rows), squeeze=False)
+    for ax, key in zip(axes.ravel(), panels):
+        ax.plot(epochs, [float(r[key]) for r in rows], label="train")
+        if f"val_{key}" in rows[0]:
+            ax.plot(epochs, [float(r[f"val_{key}"]) for r in rows], label="validation")
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes.ravel()[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    return Path(out_png)

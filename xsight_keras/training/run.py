@@ -1,0 +1,323 @@
+"""One training run end to end: data, model, loss, metrics, optimiser, callbacks, fit, reports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from xsight_keras.config import RunConfig, parse_batch_sizes
+from xsight_keras.data import PreparedDataset, PreprocessConfig, SegmentationDataset, make_loader
+from xsight_keras.data.demo import write_demo_dataset
+from xsight_keras.models import attention_unet, grow, progressive_unet
+from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
+from xsight_keras.training.callbacks import (
+    BestCheckpoint,
+    ExponentialMovingAverage,
+    ScheduleLogger,
+    StochasticWeightAveraging,
+    TensorBoardLogger,
+    plot_history,
+    save_model_atomically,
+    update_batch_norm,
+)
+from xsight_keras.training.losses import (
+    BCEDiceLoss,
+    FocalLoss,
+    HybridLoss,
+    SoftDiceLoss,
+    class_weights_from_counts,
+    multiscale_losses,
+)
+from xsight_keras.training.metrics import segmentation_metrics
+from xsight_keras.training.schedules import OneCycle, WarmupCosine
+
+DOWNLOAD_HINTS = {
+    "pannuke": "Download the three PanNuke folds from https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke, "
+               "then run: python scripts/prepare_data.py pannuke --src <download folder> --out {root}",
+    "monuseg": "Download MoNuSeg 2018 from https://monuseg.grand-challenge.org/Data/, then run: "
+               "python scripts/prepare_data.py monuseg --src '<MoNuSeg 2018 Training Data>' --out {root}/train",
+    "folders": "Arrange images as <src>/{{train,valid,test}}/{{images,masks}}/ and run: "
+               "python scripts/prepare_data.py folders --src <src> --out {root}",
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """The prepared data a run needs is missing; the message says how to prepare it."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    history: dict = field(default_factory=dict)
+    best_metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def select_precision(config: RunConfig) -> str:
+    """The dtype policy for this run: float32, or mixed_float16 on CUDA / mixed_bfloat16 on CPU."""
+    if not config.use_mixed_precision:
+        return "float32"
+    if _cuda_available():
+        return "mixed_float16"
+    if keras.backend.backend() in ("torch", "jax"):
+        return "mixed_bfloat16"
+    print("warning: no bfloat16 support on this backend/device; training in float32", file=sys.stderr)
+    return "float32"
+
+
+def _cuda_available() -> bool:
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_splits(config: RunConfig) -> tuple[PreparedDataset, PreparedDataset]:
+    """Open the prepared training and validation splits; create the demo set when asked for it."""
+    root = Path(config.data_root)
+    train_dir, val_dir = root / config.train_split, root / config.val_split
+    if config.dataset == "demo" and not ((train_dir / "meta.json").is_file() and (val_dir / "meta.json").is_file()):
+        print(f"creating the synthetic demo set in {root} ...")
+        write_demo_dataset(root, seed=0)
+    for split in (train_dir, val_dir):
+        if not (split / "meta.json").is_file():
+            hint = DOWNLOAD_HINTS.get(config.dataset, "").format(root=root)
+            raise DataNotFoundError(f"no prepared {config.dataset} split at {split}. {hint}")
+    return PreparedDataset(train_dir), PreparedDataset(val_dir)
+
+
+def build_model(config: RunConfig, stage: int | None = None) -> keras.Model:
+    """The model the configuration describes (PGU-Net at ``stage``, default the first)."""
+    if config.model == "progressive_unet":
+        return progressive_unet(stage or config.stages[0], config.in_channels, config.num_classes,
+                                base_filters=config.base_filters, dropout=config.dropout)
+    activation = "sigmoid" if config.num_classes == 1 else "softmax"
+    return attention_unet(config.num_classes, config.encoder, config.encoder_weights,
+                          config.decoder_filters, config.dropout, activation, config.in_channels)
+
+
+def build_loss(config: RunConfig, pixel_counts=None):
+    """The loss the configuration names, with frequency weights from ``pixel_counts`` if enabled."""
+    df = config.data_format
+    weights = None
+    if config.frequency_weighting and pixel_counts is not None and config.num_classes > 1:
+        weights = class_weights_from_counts(pixel_counts)
+    if config.loss == "hybrid":
+        return HybridLoss(config.dice_weight, config.focal_weight, config.boundary_weight, weights,
+                          config.focal_gamma, config.focal_alpha, data_format=df)
+    if config.loss == "dice":
+        return SoftDiceLoss(data_format=df)
+    if config.loss == "fw_dice":
+        return SoftDiceLoss(weights, data_format=df, name="fw_dice")
+    if config.loss == "focal":
+        return FocalLoss(config.focal_gamma, config.focal_alpha, data_format=df)
+    if config.loss == "bce_dice":
+        return BCEDiceLoss(data_format=df)
+    return keras.losses.CategoricalCrossentropy(axis=-1 if df == "channels_last" else 1)
+
+
+def build_optimizer(config: RunConfig, steps_per_epoch: int, epochs: int):
+    """AdamW/Adam with the configured schedule and global-norm gradient clipping."""
+    total = max(steps_per_epoch * epochs, 1)
+    if config.lr_schedule == "onecycle":
+        lr = OneCycle(config.lr, total)
+    elif config.lr_schedule == "warmup_cosine":
+        lr = WarmupCosine(config.lr, total, config.warmup_epochs * steps_per_epoch, config.min_lr_factor)
+    else:
+        lr = config.lr
+    kwargs = {"learning_rate": lr, "global_clipnorm": config.grad_clip_val or None}
+    if config.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(weight_decay=config.weight_decay, **kwargs)
+        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])  # no decay on BN/bias
+        return opt
+    return keras.optimizers.Adam(**kwargs)
+
+
+def _prepare_run_dir(config: RunConfig) -> Path:
+    run_dir = config.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not config.overwrite:
+            raise FileExistsError(f"run directory {run_dir} already exists; choose another "
+                                  f"--experiment_name or pass --overwrite")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".write_test").write_text("ok")
+        (run_dir / ".write_test").unlink()
+    except OSError as exc:
+        raise PermissionError(f"cannot write to the output directory {run_dir}: {exc}") from exc
+    return run_dir
+
+
+def _datasets(config, train_split, val_split, size=None, scales=None):
+    pre = PreprocessConfig(config.clahe_clip_limit, config.clahe_grid, config.zscore)
+    target = "binary" if config.num_classes == 1 else "onehot"
+    train_size = size or (config.size_schedule if config.progressive else config.input_size)
+    train = SegmentationDataset(train_split, size=train_size, level=config.aug_schedule,
+                                resize_mode=config.resize_mode, train=True, preprocess=pre,
+                                target=target, num_classes=max(config.num_classes, 2) if target == "onehot" else None,
+                                scales=scales, data_format=config.data_format, seed=config.seed)
+    val_size = size or config.val_size
+    val = SegmentationDataset(val_split, size=val_size, train=False, preprocess=pre, target=target,
+                              num_classes=max(config.num_classes, 2) if target == "onehot" else None,
+                              scales=scales, data_format=config.data_format, seed=config.seed)
+    return train, val
+
+
+def _class_names(config, train_split):
+    if config.num_classes == 1:
+        return ["nucleus"]
+    names = train_split.class_names
+    if len(names) != config.num_classes:
+        raise ValueError(f"the data has {len(names)} classes ({names}) but num_classes is "
+                         f"{config.num_classes}")
+    return names
+
+
+def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, ema, swa, tag=""):
+    steps = config.steps_per_epoch or len(train) // batch_size
+    if steps < 1:
+        raise ValueError(f"batch size {batch_size} is larger than the training split ({len(train)} samples)")
+    loss = build_loss(config, train.dataset.pixel_counts)
+    metrics = segmentation_metrics(class_names, config.data_format)
+    scales = getattr(train, "scales", None)
+    if scales:
+        output_names = ["fused"] + [f"scale_{s}" for s in scales]
+        losses, loss_weights = multiscale_losses(loss, output_names, config.scale_loss_weights)
+        compile_kwargs = {"loss": losses, "loss_weights": loss_weights, "metrics": {"fused": metrics}}
+        monitor = "val_fused_mean_fg_dice"
+    else:
+        compile_kwargs = {"loss": loss, "metrics": metrics}
+        monitor = "val_mean_fg_dice" if config.num_classes > 1 else "val_dice_nucleus"
+    model.compile(optimizer=build_optimizer(config, steps, epochs), jit_compile=config.jit_compile,
+                  **compile_kwargs)
+    train_loader = make_loader(train, batch_size, num_workers=config.num_workers,
+                               mixup_alpha=config.mixup_alpha)
+    val_loader = make_loader(val, batch_size, num_workers=0)
+    best_path = run_dir / (f"best{tag}.keras")
+    callbacks = [ScheduleLogger(train)]
+    if ema is not None:
+        callbacks.append(ema)
+    if swa is not None:
+        callbacks.append(swa)
+    callbacks += [
+        BestCheckpoint(best_path, monitor=monitor, mode="max", ema=ema),
+        keras.callbacks.CSVLogger(str(run_dir / f"history{tag}.csv")),
+    ]
+    sample = [val.sample(0, i) for i in range(min(config.tensorboard_images, len(val)))]
+    if sample:
+        images = np.stack([s[0] for s in sample])
+        first = [s[1]["fused"] if isinstance(s[1], dict) else s[1] for s in sample]
+        axis = -1 if config.data_format == "channels_last" else 0
+        labels = [np.argmax(t, axis=axis) if t.shape[axis] > 1 else np.take(t, 0, axis=axis) > 0.5
+                  for t in first]
+        callbacks.append(TensorBoardLogger(run_dir / "logs" / (tag.strip("_") or "train"), images, labels))
+    if config.early_stopping_patience:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
+                                                       patience=config.early_stopping_patience,
+                                                       restore_best_weights=True))
+    history = model.fit(train_loader, validation_data=val_loader, epochs=epochs,
+                        steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, verbose=2)
+    plot_history(run_dir / f"history{tag}.csv", run_dir / f"curves{tag}.png")
+    return history.history, best_path, monitor, val_loader, train_loader
+
+
+def print_class_table(metrics: dict, class_names, prefix="val_") -> str:
+    """Format per-class Dice of a metrics dict as a table (also printed)."""
+    names = ["background", class_names[0]] if len(class_names) == 1 else class_names
+    lines = [f"{'class':16s} {'Dice':>7s}"]
+    for name in names:
+        key = f"{prefix}dice_{name.lower().replace(' ', '_')}"
+        if key in metrics:
+            lines.append(f"{name:16s} {metrics[key]:7.4f}")
+    for key in ("mean_dice", "mean_fg_dice", "mean_iou"):
+        if f"{prefix}{key}" in metrics:
+            lines.append(f"{key:16s} {metrics[prefix + key]:7.4f}")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+def train(config: RunConfig) -> RunResult:
+    """Run the training the configuration describes; write everything to ``config.run_dir``.
+
+    Raises ``DataNotFoundError`` (prepared data missing, with instructions), ``FileExistsError``
+    (run directory in use), ``PermissionError`` (output not writable) or ``ValueError`` (settings)
+    before any training starts.
+    """
+    start = time.time()
+    if config.device == "cuda" and not _cuda_available():
+        raise ValueError("device 'cuda' was requested but no CUDA GPU is available here")
+    train_split, val_split = resolve_splits(config)
+    class_names = _class_names(config, train_split)
+    run_dir = _prepare_run_dir(config)
+    keras.utils.set_random_seed(config.seed)
+    keras.config.set_image_data_format(config.data_format)
+    policy = select_precision(config)
+    keras.config.set_dtype_policy(policy)
+    config_dict = config.to_dict() | {"dtype_policy": policy, "class_names": class_names,
+                                      "keras_backend": keras.backend.backend()}
+    (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+    ema = ExponentialMovingAverage(config.ema_decay) if config.use_ema else None
+    swa = StochasticWeightAveraging(config.swa_start_epoch) if config.use_swa else None
+    if config.model == "progressive_unet":
+        history, best_path, monitor, model, train_loader = _train_progressive(
+            config, train_split, val_split, run_dir, class_names, ema, swa)
+    else:
+        model = build_model(config)
+        train, val = _datasets(config, train_split, val_split)
+        history, best_path, monitor, _, train_loader = _fit(
+            model, config, train, val, config.batch_size, config.epochs, run_dir, class_names, ema, swa)
+    save_model_atomically(model, run_dir / "final.keras")
+    result = RunResult(run_dir, history)
+    if swa is not None and swa.average is not None:
+        averaged = swa.averaged_model()
+        used = update_batch_norm(averaged, train_loader, max_batches=50)
+        save_model_atomically(averaged, run_dir / "swa.keras")
+        print(f"SWA: averaged {swa.count} epochs, BatchNorm re-estimated on {used} batches")
+    if best_path.exists():
+        best = keras.models.load_model(best_path)
+        last_val = {k: v[-1] for k, v in history.items() if k.startswith("val_")}
+        result.best_metrics = {k: float(max(v)) for k, v in history.items()
+                               if k.startswith("val_") and "loss" not in k}
+        prefix = "val_fused_" if config.model == "progressive_unet" else "val_"
+        print(f"best checkpoint {best_path} ({monitor} = {max(history.get(monitor, [np.nan])):.4f})")
+        print_class_table(last_val, class_names, prefix)
+        del best
+    result.seconds = time.time() - start
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"seconds": result.seconds, "best": result.best_metrics,
+         "final": {k: float(v[-1]) for k, v in history.items()}}, indent=2))
+    return result
+
+
+def _train_progressive(config, train_split, val_split, run_dir, class_names, ema, swa):
+    """PGU-Net: train each stage at its resolution and batch size, then grow with weight transfer."""
+    batch_sizes = parse_batch_sizes(config.batch_sizes)
+    model, merged = None, {}
+    for stage in config.stages:
+        resolution = STAGE_RESOLUTIONS[stage]
+        model = build_model(config, stage) if model is None else grow(model)
+        scales = tuple(2 ** i for i in range(stage))
+        train, val = _datasets(config, train_split, val_split, size=resolution, scales=scales)
+        batch = batch_sizes.get(resolution, config.batch_size)
+        print(f"PGU-Net stage {stage}: {resolution}×{resolution}, batch {batch}, "
+              f"{config.epochs_per_stage} epochs, {model.count_params():,} parameters")
+        history, best_path, monitor, _, train_loader = _fit(
+            model, config, train, val, batch, config.epochs_per_stage, run_dir, class_names,
+            ema, swa, tag=f"_stage_{stage}")
+        for key, values in history.items():
+            merged.setdefault(key, []).extend(values)
+        if ema is not None:
+            ema.shadow = None  # the next stage has new weights: restart the average
+    final_best = run_dir / "best.keras"
+    shutil.copyfile(best_path, final_best)
+    return merged, final_best, monitor, model, train_loader
