@@ -20,7 +20,7 @@ test: setup
 	KERAS_BACKEND=torch $(BIN)/python -m pytest -q
 
 demo: setup
-	KERAS_BACKEND=torch $(BIN)/python scripts/describe_models.py
+	KERAS_BACKEND=torch $(BIN)/python scripts/train.py --preset demo --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -19,9 +19,54 @@ from xsight_keras.models import (  # noqa: E402
     transfer_weights,
 )
 
+from xsight_keras.data import (  # noqa: E402
+    PreparedDataset,
+    PreprocessConfig,
+    SegmentationDataset,
+    make_loader,
+    preprocess_image,
+)
+from xsight_keras.training import (  # noqa: E402
+    BCEDiceLoss,
+    BestCheckpoint,
+    BoundaryLoss,
+    ExponentialMovingAverage,
+    FocalLoss,
+    HybridLoss,
+    OneCycle,
+    SegmentationScore,
+    SoftDiceLoss,
+    StochasticWeightAveraging,
+    WarmupCosine,
+    class_weights_from_counts,
+    multiscale_losses,
+    segmentation_metrics,
+    update_batch_norm,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "BCEDiceLoss",
+    "BestCheckpoint",
+    "BoundaryLoss",
+    "ExponentialMovingAverage",
+    "FocalLoss",
+    "HybridLoss",
+    "OneCycle",
+    "PreparedDataset",
+    "PreprocessConfig",
+    "SegmentationDataset",
+    "SegmentationScore",
+    "SoftDiceLoss",
+    "StochasticWeightAveraging",
+    "WarmupCosine",
+    "class_weights_from_counts",
+    "make_loader",
+    "multiscale_losses",
+    "preprocess_image",
+    "segmentation_metrics",
+    "update_batch_norm",
     "SpatialSizeCheck",
     "__version__",
     "attention_unet",

@@ -82,7 +82,6 @@ class RunConfig:
     use_swa: bool = False
     swa_start_epoch: int = 10
     early_stopping_patience: int | None = None
-    tta_val: bool = False
     # PGU-Net
     stages: tuple[int, ...] = (1, 2, 3, 4)
     epochs_per_stage: int = 10
