@@ -24,7 +24,7 @@ def demo_root(tmp_path_factory):
 def test_attention_unet_run_writes_every_artefact(demo_root, tmp_path):
     config = load_config("demo", overrides={
         "data_root": str(demo_root), "output_dir": str(tmp_path), "experiment_name": "tiny",
-        "epochs": 2, "batch_size": 4, "input_size": 64, "val_size": 64,
+        "epochs": 2, "batch_size": 4, "progressive": True, "size_schedule": "0:32,1:64", "val_size": 64,
         "decoder_filters": "16,16,8,8,8", "use_ema": True, "use_swa": True, "swa_start_epoch": 1,
         "boundary_weight": 0.5, "mixup_alpha": 0.2, "aug_schedule": "0:0,1:2",
     })
@@ -39,6 +39,12 @@ def test_attention_unet_run_writes_every_artefact(demo_root, tmp_path):
     history = result.history
     assert len(history["loss"]) == 2 and "val_dice_neoplastic" in history
     assert history["aug_level"] == [0.0, 2.0]  # the augmentation schedule took effect at epoch 1
+    assert history["train_size"] == [32.0, 64.0]  # and so did progressive resizing
+    code = ("import sys, numpy as np, keras, xsight_keras;"
+            "m = keras.models.load_model(sys.argv[1]);"
+            "p = m.predict(np.zeros((1, 3, 64, 64), 'float32'), verbose=0);"
+            "assert p.shape == (1, 6, 64, 64) and np.isfinite(p).all(), p.shape")
+    subprocess.run([sys.executable, "-c", code, str(run / "best.keras")], check=True)
     with pytest.raises(FileExistsError, match="already exists"):
         train(config)
 
