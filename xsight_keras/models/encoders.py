@@ -60,35 +60,31 @@ def _conv(x, filters, kernel_size, strides, name):
     return layers.Conv2D(filters, kernel_size, strides=strides, use_bias=False, name=name)(x)
 
 
-def _basic_block(x, width, strides, name):
-    in_channels = x.shape[channel_axis()]
-    out = _conv(x, width, 3, strides, f"{name}_conv1")
-    out = layers.ReLU(name=f"{name}_relu1")(batch_norm(f"{name}_bn1")(out))
-    out = _conv(out, width, 3, 1, f"{name}_conv2")
-    out = batch_norm(f"{name}_bn2")(out)
+def _residual_out(x, residual, out_channels, strides, name):
+    """Add the (projected when the shape changes) input to the residual branch, then ReLU."""
     shortcut = x
-    if strides != 1 or in_channels != width:
-        shortcut = _conv(x, width, 1, strides, f"{name}_downsample_0")
+    if strides != 1 or x.shape[channel_axis()] != out_channels:
+        shortcut = _conv(x, out_channels, 1, strides, f"{name}_downsample_0")
         shortcut = batch_norm(f"{name}_downsample_1")(shortcut)
-    out = layers.Add(name=f"{name}_add")([out, shortcut])
+    out = layers.Add(name=f"{name}_add")([residual, shortcut])
     return layers.ReLU(name=f"{name}_out")(out)
 
 
+def _basic_block(x, width, strides, name):
+    out = _conv(x, width, 3, strides, f"{name}_conv1")
+    out = layers.ReLU(name=f"{name}_relu1")(batch_norm(f"{name}_bn1")(out))
+    out = _conv(out, width, 3, 1, f"{name}_conv2")
+    return _residual_out(x, batch_norm(f"{name}_bn2")(out), width, strides, name)
+
+
 def _bottleneck_block(x, width, strides, name):
-    in_channels = x.shape[channel_axis()]
     out_channels = width * _EXPANSION["bottleneck"]
     out = _conv(x, width, 1, 1, f"{name}_conv1")
     out = layers.ReLU(name=f"{name}_relu1")(batch_norm(f"{name}_bn1")(out))
     out = _conv(out, width, 3, strides, f"{name}_conv2")  # stride on the 3×3 (ResNet v1.5)
     out = layers.ReLU(name=f"{name}_relu2")(batch_norm(f"{name}_bn2")(out))
     out = _conv(out, out_channels, 1, 1, f"{name}_conv3")
-    out = batch_norm(f"{name}_bn3")(out)
-    shortcut = x
-    if strides != 1 or in_channels != out_channels:
-        shortcut = _conv(x, out_channels, 1, strides, f"{name}_downsample_0")
-        shortcut = batch_norm(f"{name}_downsample_1")(shortcut)
-    out = layers.Add(name=f"{name}_add")([out, shortcut])
-    return layers.ReLU(name=f"{name}_out")(out)
+    return _residual_out(x, batch_norm(f"{name}_bn3")(out), out_channels, strides, name)
 
 
 def resnet_features(x, encoder: str = "resnet34", prefix: str = ENCODER_PREFIX) -> list:
