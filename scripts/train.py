@@ -30,7 +30,7 @@ FLAGS = {
     "device": str, "seed": int, "use_ema": bool, "mixup_alpha": float, "encoder": str,
     "encoder_weights": str, "input_size": int, "size_schedule": str, "aug_schedule": str,
     "loss": str, "lr_schedule": str, "optimizer": str, "steps_per_epoch": int,
-    "data_format": str, "overwrite": bool, "jit_compile": bool,
+    "data_format": str, "overwrite": bool, "jit_compile": bool, "tta_val": bool,
 }
 
 

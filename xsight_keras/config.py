@@ -82,6 +82,7 @@ class RunConfig:
     use_swa: bool = False
     swa_start_epoch: int = 10
     early_stopping_patience: int | None = None
+    tta_val: bool = False  # also score validation images whole with the 8 flips/rotations
     # PGU-Net
     stages: tuple[int, ...] = (1, 2, 3, 4)
     epochs_per_stage: int = 10

@@ -122,3 +122,14 @@ def test_mixed_precision_policy_follows_the_device():
     expected = "mixed_float16" if _cuda_available() else "mixed_bfloat16"
     assert select_precision(config) == expected  # never float16 on a CPU (emulated, ~75x slower)
     assert select_precision(load_config("demo")) == "float32"
+
+
+def test_train_leaves_keras_global_settings_as_it_found_them(demo_root, tmp_path):
+    keras.config.set_image_data_format("channels_last")
+    config = load_config("demo", overrides={
+        "data_root": str(demo_root), "output_dir": str(tmp_path), "experiment_name": "g",
+        "epochs": 1, "batch_size": 4, "input_size": 32, "val_size": 32, "steps_per_epoch": 1,
+        "decoder_filters": "8,8,8,8,8", "data_format": "channels_first", "use_mixed_precision": True})
+    train(config)
+    assert keras.config.image_data_format() == "channels_last"
+    assert keras.config.dtype_policy().name == "float32"

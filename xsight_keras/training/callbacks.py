@@ -12,6 +12,7 @@ import numpy as np
 from keras import ops
 
 from xsight_keras.models.layers import channel_axis
+from xsight_keras.viz.plots import colourise
 
 
 def _is_finite(model: keras.Model) -> bool:
@@ -214,15 +215,6 @@ class ScheduleLogger(keras.callbacks.Callback):
             logs["aug_level"] = float(self.train_dataset.level_at(epoch))
 
 
-CLASS_COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 200, 40], [40, 90, 230], [240, 220, 40],
-                          [40, 220, 220], [200, 80, 200], [255, 140, 0]], np.uint8)
-
-
-def colourise(labels: np.ndarray) -> np.ndarray:
-    """Label map (H, W) int → RGB uint8 (H, W, 3) with one fixed colour per class."""
-    return CLASS_COLOURS[np.asarray(labels) % len(CLASS_COLOURS)]
-
-
 class TensorBoardLogger(keras.callbacks.Callback):
     """TensorBoard event files without TensorFlow (tensorboardX): every logged scalar per epoch
     and, for a few validation images, ground truth | prediction colour maps side by side."""
@@ -284,3 +276,33 @@ def plot_history(history_csv, out_png) -> Path:
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return Path(out_png)
+
+
+class TTAValidation(keras.callbacks.Callback):
+    """At each epoch end, score the validation images whole with test-time augmentation.
+
+    Adds ``val_tta_mean_fg_dice``, ``val_tta_mean_dice`` and ``val_tta_dice_<class>`` to the logs
+    (place it before checkpoints and loggers). ``dataset``: a prepared split; ``preprocess``: the
+    run's :class:`PreprocessConfig`; ``transforms``: TTA spec (default all 8).
+    """
+
+    def __init__(self, dataset, preprocess, transforms="all", tile_size=256, limit=None, ema=None):
+        super().__init__()
+        self.dataset, self.preprocess, self.transforms = dataset, preprocess, transforms
+        self.tile_size, self.limit, self.ema = tile_size, limit, ema
+
+    def on_epoch_end(self, epoch, logs=None):
+        from xsight_keras.evaluation.evaluate import evaluate_split
+        from xsight_keras.inference.predictor import Predictor
+
+        if logs is None:
+            return
+        context = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with context:
+            predictor = Predictor(self.model, self.preprocess, tile_size=self.tile_size,
+                                  tta=self.transforms)
+            scores = evaluate_split(predictor, self.dataset, progress=False, limit=self.limit)["scores"]
+        logs["val_tta_mean_fg_dice"] = scores["mean_fg_dice"]
+        logs["val_tta_mean_dice"] = scores["mean_dice"]
+        for name, value in scores["dice"].items():
+            logs[f"val_tta_dice_{name}"] = value

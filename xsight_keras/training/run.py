@@ -23,6 +23,7 @@ from xsight_keras.training.callbacks import (
     ScheduleLogger,
     StochasticWeightAveraging,
     TensorBoardLogger,
+    TTAValidation,
     plot_history,
     save_model_atomically,
     update_batch_norm,
@@ -206,6 +207,10 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     callbacks = [ScheduleLogger(train)]
     if ema is not None:
         callbacks.append(ema)
+    if config.tta_val:
+        # PGU-Net stage k works at 32·2^(k-1) px; the Attention U-Net needs multiples of 32
+        tile = 32 * max(scales) if scales else -(-(config.val_size or 256) // 32) * 32
+        callbacks.append(TTAValidation(val.dataset, train.preprocess, tile_size=tile, ema=ema))
     if swa is not None:
         callbacks.append(swa)
     callbacks += [
@@ -251,8 +256,18 @@ def train(config: RunConfig) -> RunResult:
 
     Raises ``DataNotFoundError`` (prepared data missing, with instructions), ``FileExistsError``
     (run directory in use), ``PermissionError`` (output not writable) or ``ValueError`` (settings)
-    before any training starts.
+    before any training starts. Keras' global image data format and dtype policy are set for the
+    run and restored afterwards.
     """
+    data_format, policy = keras.config.image_data_format(), keras.config.dtype_policy()
+    try:
+        return _train(config)
+    finally:
+        keras.config.set_image_data_format(data_format)
+        keras.config.set_dtype_policy(policy)
+
+
+def _train(config: RunConfig) -> RunResult:
     start = time.time()
     if config.device == "cuda" and not _cuda_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available here")

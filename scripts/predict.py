@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Predict label maps for images of any size with a trained model.
+
+    python scripts/predict.py slide1.png tiles/ --run outputs/demo --out predictions/ [--tta] [--save_probs]
+    python scripts/predict.py image.tif --model outputs/demo/best.keras --out predictions/
+
+For each input image: <name>_labels.png (class index per pixel), <name>_overlay.png, and with
+--save_probs <name>_probs.npy (float16 (H, W, K)). Unreadable files are skipped, listed at the
+end, and make the exit status 1; the other images are still written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from xsight_keras.data.images import IMAGE_SUFFIXES, read_image  # noqa: E402
+from xsight_keras.data.preprocess import PreprocessConfig  # noqa: E402
+from xsight_keras.inference import Predictor  # noqa: E402
+from xsight_keras.viz.plots import overlay  # noqa: E402
+
+
+def collect_inputs(inputs) -> list[Path]:
+    """Expand folders (non-recursive) into their image files; keep files as given."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(item)
+    return files
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="+", help="image files or folders")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="run directory: its best.keras and preprocessing")
+    source.add_argument("--model", help="a .keras file (default preprocessing: CLAHE + z-score)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--tta", action="store_true")
+    parser.add_argument("--tile_size", type=int, default=256)
+    parser.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles (default a quarter tile)")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--save_probs", action="store_true")
+    args = parser.parse_args(argv)
+    kwargs = dict(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
+                  tta="all" if args.tta else None)
+    try:
+        if args.run:
+            predictor = Predictor.from_run(args.run, **kwargs)
+        else:
+            import keras
+
+            if not Path(args.model).is_file():
+                raise FileNotFoundError(f"model file not found: {args.model}")
+            predictor = Predictor(keras.models.load_model(args.model), PreprocessConfig(), **kwargs)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for path in tqdm(collect_inputs(args.inputs), desc="predicting", unit="image"):
+        try:
+            image = read_image(path, channels=predictor.in_channels)
+        except (FileNotFoundError, ValueError) as exc:
+            failed.append(f"{path}: {exc}")
+            continue
+        probs = predictor.predict_probabilities(image)
+        labels = Predictor.to_labels(probs)
+        cv2.imwrite(str(out / f"{path.stem}_labels.png"), labels)
+        cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay(image, labels), cv2.COLOR_RGB2BGR))
+        if args.save_probs:
+            np.save(out / f"{path.stem}_probs.npy", probs.astype(np.float16))
+    if failed:
+        print(f"{len(failed)} file(s) could not be read and were skipped:", file=sys.stderr)
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Whole-image prediction: the run's preprocessing, overlapping tiles in batches, smooth blending,
+optional test-time augmentation. Memory is bounded by one batch of tiles plus the output map."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
+from xsight_keras.inference.tta import apply_transform, invert_transform, parse_transforms
+
+
+def model_data_format(model: keras.Model) -> str:
+    """The image data format a model was built with (read from its first layer that has one)."""
+    for layer in model._flatten_layers(include_self=False):
+        fmt = getattr(layer, "data_format", None)
+        if fmt in ("channels_first", "channels_last"):
+            return fmt
+    return keras.config.image_data_format()
+
+
+def blending_window(size: int, ramp: int, sides=(True, True, True, True)) -> np.ndarray:
+    """(size, size) float32 weights for one tile: 1 inside, rising as sin² over ``ramp`` pixels
+    from each side in ``sides`` (top, bottom, left, right) that a neighbouring tile overlaps.
+
+    Tile borders see less context (the convolutions' zero padding), so where tiles overlap each
+    one counts least at its own border (not at all in the outer quarter of the overlap); sides on
+    the image border keep weight 1, since no other tile covers them.
+    """
+    def profile(first: bool, last: bool) -> np.ndarray:
+        w = np.ones(size, np.float64)
+        if ramp > 0:
+            # the outer quarter of the overlap gets weight 0 (the neighbour covers it fully),
+            # then sin² up to 1
+            margin = ramp // 4
+            steps = np.clip(np.arange(ramp) - margin + 0.5, 0, None) / max(ramp - margin, 1)
+            rise = np.where(np.arange(ramp) < margin, 0.0, np.sin(0.5 * np.pi * steps) ** 2)
+            if first:
+                w[:ramp] = rise
+            if last:
+                w[size - ramp:] = rise[::-1]
+        return w
+
+    top, bottom, left, right = sides
+    return np.outer(profile(top, bottom), profile(left, right)).astype(np.float32)
+
+
+def _positions(length: int, tile: int, stride: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] != length - tile:
+        starts.append(length - tile)  # last tile flush with the end: no padding beyond it
+    return starts
+
+
+class Predictor:
+    """Predict class probabilities for images of any size with a segmentation model.
+
+    Arguments: ``model`` (outputs probabilities; a PGU-Net's ``fused`` output is used),
+    ``preprocess`` (the run's :class:`PreprocessConfig`, applied once to the whole image),
+    ``tile_size`` (a multiple of the model's size multiple, 32 for the Attention U-Net),
+    ``overlap`` (pixels shared by neighbouring tiles, default a quarter tile), ``batch_size`` (tiles per forward pass),
+    ``tta`` (see :func:`parse_transforms`).
+    """
+
+    def __init__(self, model: keras.Model, preprocess: PreprocessConfig = PreprocessConfig(),
+                 tile_size: int = 256, overlap: int | None = None, batch_size: int = 8, tta=None,
+                 class_names=None):
+        overlap = tile_size // 4 if overlap is None else overlap
+        if not 0 <= overlap <= tile_size // 2:
+            raise ValueError(f"overlap must be in [0, tile_size / 2], got {overlap} for {tile_size}")
+        self.model = model
+        self.preprocess = preprocess
+        self.tile_size, self.overlap, self.batch_size = tile_size, overlap, batch_size
+        self.transforms = parse_transforms(tta)
+        self.channels_first = model_data_format(model) == "channels_first"
+        self.in_channels = model.inputs[0].shape[1 if self.channels_first else -1]
+        self.class_names = class_names
+        self._windows: dict = {}
+
+    @classmethod
+    def from_run(cls, run_dir, model_path=None, **kwargs) -> "Predictor":
+        """A predictor with a run's best checkpoint (or ``model_path``) and its preprocessing."""
+        run_dir = Path(run_dir)
+        config_path = run_dir / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+        config = json.loads(config_path.read_text())
+        model_path = Path(model_path) if model_path else run_dir / "best.keras"
+        if not model_path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {model_path}")
+        model = keras.models.load_model(model_path)
+        preprocess = PreprocessConfig(config["clahe_clip_limit"], tuple(config["clahe_grid"]),
+                                      config["zscore"])
+        kwargs.setdefault("class_names", config.get("class_names"))
+        return cls(model, preprocess, **kwargs)
+
+    def _forward(self, tiles: np.ndarray) -> np.ndarray:
+        """(B, T, T, C) float32 → (B, T, T, K) float32 probabilities, TTA averaged."""
+        total = None
+        for k in self.transforms:
+            x = np.ascontiguousarray(apply_transform(tiles, k))
+            if self.channels_first:
+                x = x.transpose(0, 3, 1, 2)
+            y = self.model.predict_on_batch(x)
+            y = y["fused"] if isinstance(y, dict) else y
+            y = np.asarray(keras.ops.convert_to_numpy(y), np.float32)
+            if self.channels_first:
+                y = y.transpose(0, 2, 3, 1)
+            y = invert_transform(y, k)
+            total = y if total is None else total + y
+        return total / len(self.transforms)
+
+    def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
+        """uint8 image (H, W, C) → float32 probabilities (H, W, K), any H and W."""
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 image, got {image.dtype}")
+        if image.shape[-1] != self.in_channels:
+            if self.in_channels == 1 and image.shape[-1] == 3:
+                import cv2
+
+                image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
+            else:
+                raise ValueError(f"the model takes {self.in_channels}-channel images, got {image.shape}")
+        h, w = image.shape[:2]
+        x = preprocess_image(image, self.preprocess)
+        t = self.tile_size
+        ph, pw = max(t - h, 0), max(t - w, 0)
+        if ph or pw:  # smaller than one tile: mirror-pad, predict, crop
+            x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
+        hp, wp = x.shape[:2]
+        stride = t - self.overlap
+        coords = [(r, c) for r in _positions(hp, t, stride) for c in _positions(wp, t, stride)]
+        out = weight = None
+        for i in range(0, len(coords), self.batch_size):
+            batch = coords[i:i + self.batch_size]
+            probs = self._forward(np.stack([x[r:r + t, c:c + t] for r, c in batch]))
+            if out is None:
+                out = np.zeros((hp, wp, probs.shape[-1]), np.float32)
+                weight = np.zeros((hp, wp, 1), np.float32)
+            for (r, c), p in zip(batch, probs):
+                sides = (r > 0, r + t < hp, c > 0, c + t < wp)  # which sides have a neighbour
+                if sides not in self._windows:
+                    self._windows[sides] = blending_window(t, self.overlap, sides)[..., None]
+                window = self._windows[sides]
+                out[r:r + t, c:c + t] += p * window
+                weight[r:r + t, c:c + t] += window
+        out /= weight
+        return out[ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+
+    @staticmethod
+    def to_labels(probabilities: np.ndarray) -> np.ndarray:
+        """(H, W, K) probabilities → uint8 (H, W) labels (argmax; threshold 0.5 when K = 1)."""
+        if probabilities.shape[-1] == 1:
+            return (probabilities[..., 0] >= 0.5).astype(np.uint8)
+        return np.argmax(probabilities, axis=-1).astype(np.uint8)
+
+    def predict_labels(self, image: np.ndarray) -> np.ndarray:
+        return self.to_labels(self.predict_probabilities(image))

@@ -1,0 +1,217 @@
+"""Headless matplotlib figures (PNG): overlays, prediction grids, dataset statistics, run comparison."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+CLASS_COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 200, 40], [40, 90, 230], [240, 220, 40],
+                          [40, 220, 220], [200, 80, 200], [255, 140, 0]], np.uint8)
+
+
+def colourise(labels: np.ndarray) -> np.ndarray:
+    """Label map (H, W) int → RGB uint8 (H, W, 3), one fixed colour per class (0 black)."""
+    return CLASS_COLOURS[np.asarray(labels) % len(CLASS_COLOURS)]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """Blend class colours over an RGB/gray uint8 image and draw each region's outline.
+
+    Returns uint8 (H, W, 3). Background (0) is left untouched.
+    """
+    rgb = np.repeat(image, 3, axis=-1) if image.ndim == 3 and image.shape[-1] == 1 else image
+    rgb = rgb if rgb.ndim == 3 else np.repeat(rgb[..., None], 3, -1)
+    colours = colourise(labels)
+    fg = labels > 0
+    out = rgb.astype(np.float32)
+    out[fg] = (1 - alpha) * out[fg] + alpha * colours[fg]
+    edges = (cv2.morphologyEx(labels.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0) & fg
+    out[edges] = colours[edges]
+    return out.astype(np.uint8)
+
+
+def _legend(ax, class_names):
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=CLASS_COLOURS[i % len(CLASS_COLOURS)] / 255, label=n)
+               for i, n in enumerate(class_names) if i > 0]
+    ax.legend(handles=handles, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+              bbox_to_anchor=(0.5, 1.0))
+
+
+def plot_prediction_grid(samples, class_names, path, title: str = "") -> Path:
+    """One row per sample: image | ground truth | prediction | overlay of the prediction.
+
+    ``samples``: list of (image uint8 (H, W, C), truth labels (H, W), predicted labels (H, W)).
+    """
+    n = len(samples)
+    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n + 0.6), squeeze=False)
+    for row, (image, truth, pred) in zip(axes, samples):
+        shown = image[..., 0] if image.shape[-1] == 1 else image
+        for ax, panel, name in zip(row, (shown, colourise(truth), colourise(pred), overlay(image, pred)),
+                                   ("image", "ground truth", "prediction", "overlay")):
+            ax.imshow(panel, cmap="gray" if panel.ndim == 2 else None)
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    legend_ax = fig.add_axes((0, 0.965, 1, 0.035))
+    legend_ax.axis("off")
+    _legend(legend_ax, class_names)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_confusion_matrix(confusion: np.ndarray, class_names, path) -> Path:
+    """Row-normalised confusion matrix (true class per row) with counts, as a PNG."""
+    confusion = np.asarray(confusion, np.float64)
+    norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.1 * k + 1.5))
+    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(k), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_dataset_statistics(dataset, path, samples_path=None, n_samples: int = 8) -> list[Path]:
+    """Class distribution of a prepared split (pixels and nuclei per class; nuclei per class and
+    tissue when tissues are known) and, optionally, a grid of samples with their overlays."""
+    names = dataset.class_names
+    tissues = dataset.tissues
+    panels = 3 if tissues is not None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    colours = CLASS_COLOURS[1:len(names)] / 255
+    axes[0].bar(names[1:], dataset.pixel_counts[1:], color=colours)
+    axes[0].set_title("pixels per class")
+    axes[1].bar(names[1:], dataset.instance_counts[1:], color=colours)
+    axes[1].set_title("nuclei per class")
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=45)
+    if tissues is not None:
+        from xsight_keras.data.prepared import count_classes
+
+        kinds = sorted(set(tissues))
+        table = np.zeros((len(kinds), len(names)), np.int64)
+        for i in range(len(dataset)):
+            s = dataset[i]
+            table[kinds.index(tissues[i])] += count_classes(s.classes[None], s.instances[None], len(names))[1]
+        bottom = np.zeros(len(kinds))
+        for c in range(1, len(names)):
+            axes[2].bar(kinds, table[:, c], bottom=bottom, color=colours[c - 1], label=names[c])
+            bottom += table[:, c]
+        axes[2].set_title("nuclei per tissue")
+        axes[2].tick_params(axis="x", rotation=60)
+        axes[2].legend(fontsize=7)
+    fig.suptitle(f"{dataset.root} — {len(dataset)} images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    written = [Path(path)]
+    if samples_path:
+        idx = np.linspace(0, len(dataset) - 1, min(n_samples, len(dataset))).astype(int)
+        cols = 4
+        rows = -(-len(idx) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.4), squeeze=False)
+        for ax, i in zip(axes.ravel(), idx):
+            s = dataset[int(i)]
+            ax.imshow(overlay(s.image, s.classes))
+            ax.set_title(f"{s.name}" + (f" ({tissues[i]})" if tissues is not None else ""), fontsize=8)
+        for ax in axes.ravel():
+            ax.axis("off")
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        legend_ax = fig.add_axes((0, 0.955, 1, 0.045))
+        legend_ax.axis("off")
+        _legend(legend_ax, names)
+        fig.savefig(samples_path, dpi=80)
+        plt.close(fig)
+        written.append(Path(samples_path))
+    return written
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    path = run_dir / "history.csv"
+    if not path.is_file():
+        stages = sorted(run_dir.glob("history_stage_*.csv"))
+        if not stages:
+            raise FileNotFoundError(f"{run_dir} has no history.csv")
+        rows = []
+        for p in stages:
+            with open(p) as f:
+                rows += list(csv.DictReader(f))
+        return rows
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def plot_run_comparison(run_dirs, path) -> Path:
+    """Training curves (loss, validation mean foreground Dice) of several runs on one figure and a
+    bar chart of each run's final per-class validation Dice."""
+    run_dirs = [Path(r) for r in run_dirs]
+    histories = {r.name: _read_history(r) for r in run_dirs}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    dice_keys = None
+    for name, rows in histories.items():
+        epochs = np.arange(1, len(rows) + 1)
+        axes[0].plot(epochs, [float(r["loss"]) for r in rows], label=f"{name} train")
+        if "val_loss" in rows[0]:
+            axes[0].plot(epochs, [float(r["val_loss"]) for r in rows], "--", label=f"{name} val")
+        key = next((k for k in ("val_mean_fg_dice", "val_fused_mean_fg_dice", "val_fused_dice_nucleus",
+                                "val_dice_nucleus") if k in rows[0]), None)
+        if key:
+            axes[1].plot(epochs, [float(r[key]) for r in rows], label=name)
+        keys = [k for k in rows[0] if k.startswith("val_") and "dice_" in k and "mean" not in k]
+        dice_keys = dice_keys or keys
+    axes[0].set_title("loss")
+    axes[1].set_title("validation mean foreground Dice")
+    for ax in axes[:2]:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    if dice_keys:
+        width = 0.8 / len(histories)
+        x = np.arange(len(dice_keys))
+        for i, (name, rows) in enumerate(histories.items()):
+            axes[2].bar(x + i * width, [float(rows[-1].get(k, "nan")) for k in dice_keys], width, label=name)
+        axes[2].set_xticks(x + 0.4 - width / 2, [k.split("dice_")[-1] for k in dice_keys], rotation=45, ha="right")
+        axes[2].set_ylim(0, 1)
+        axes[2].set_title("final validation Dice per class")
+        axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
+def latest_run(output_dir="outputs") -> Path:
+    """The most recently modified run directory under ``output_dir`` that has a best.keras."""
+    runs = [p.parent for p in Path(output_dir).glob("*/best.keras")]
+    if not runs:
+        raise FileNotFoundError(f"no run with a best.keras under {output_dir}; train one first "
+                                f"(python scripts/train.py --preset demo)")
+    return max(runs, key=lambda p: (p / "best.keras").stat().st_mtime)
+
+
+def run_class_names(run_dir) -> list[str]:
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    names = config.get("class_names") or ["background", "nucleus"]
+    return ["background", names[0]] if len(names) == 1 else names
