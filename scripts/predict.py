@@ -26,6 +26,7 @@ from tqdm import tqdm  # noqa: E402
 from xsight_keras.data.images import IMAGE_SUFFIXES, read_image  # noqa: E402
 from xsight_keras.data.preprocess import PreprocessConfig  # noqa: E402
 from xsight_keras.inference import Predictor  # noqa: E402
+from xsight_keras.inference.predictor import load_model_file  # noqa: E402
 from xsight_keras.viz.plots import overlay  # noqa: E402
 
 
@@ -59,11 +60,7 @@ def main(argv=None) -> int:
         if args.run:
             predictor = Predictor.from_run(args.run, **kwargs)
         else:
-            import keras
-
-            if not Path(args.model).is_file():
-                raise FileNotFoundError(f"model file not found: {args.model}")
-            predictor = Predictor(keras.models.load_model(args.model), PreprocessConfig(), **kwargs)
+            predictor = Predictor(load_model_file(args.model), PreprocessConfig(), **kwargs)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

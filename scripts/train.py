@@ -5,8 +5,11 @@
     python scripts/train.py --preset pannuke --data_root data/pannuke --experiment_name pannuke_r1
     python scripts/train.py --preset papsmear --epochs_per_stage 20 --batch_sizes 32:64,64:32,128:16,256:8
 
+    python scripts/train.py --resume outputs/pannuke_r1      # after a crash or a kill
+
 Every flag overrides the preset's value; the resolved configuration is written to
-outputs/<experiment_name>/config.json. Missing data or bad settings exit with status 2.
+outputs/<experiment_name>/config.json. Missing data or bad settings exit with status 2, a NaN or
+infinite loss with status 3.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.config import available_presets, load_config  # noqa: E402
+from xsight_keras.config import available_presets, load_config, load_run_config  # noqa: E402
 
 # flag -> type; booleans take an optional value (--use_swa, --use_swa false)
 FLAGS = {
@@ -38,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", help=f"one of {available_presets()}")
     parser.add_argument("--config", help="a YAML file of settings (applied after the preset)")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue an interrupted run from its last complete epoch (its own "
+                             "config.json; flags such as --epochs still override)")
     for flag, kind in FLAGS.items():
         if kind is bool:
             parser.add_argument(f"--{flag}", nargs="?", const="true", default=None, metavar="BOOL")
@@ -50,10 +56,19 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in FLAGS and v is not None}
     try:
-        config = load_config(args.preset, args.config, overrides)
+        if args.resume:
+            if args.preset or args.config:
+                raise ValueError("--resume takes the run's own config.json; drop --preset/--config")
+            config = load_run_config(args.resume, overrides)
+        else:
+            config = load_config(args.preset, args.config, overrides)
+        from xsight_keras.training.callbacks import NonFiniteLossError
         from xsight_keras.training.run import DataNotFoundError, train
 
-        result = train(config)
+        result = train(config, resume=bool(args.resume))
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (DataNotFoundError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -176,6 +176,23 @@ def load_config(preset: str | None = None, config_file=None, overrides: dict | N
     return config
 
 
+def load_run_config(run_dir, overrides: dict | None = None) -> RunConfig:
+    """The configuration a run was started with (its ``config.json``), with optional overrides
+    (e.g. more ``epochs`` when resuming)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    values = {k: _coerce(k, v) for k, v in saved.items() if k in FIELD_TYPES}
+    values.update({k: _coerce(k, v) for k, v in (overrides or {}).items()})
+    config = RunConfig(**values)
+    validate_config(config)
+    return config
+
+
 def validate_config(config: RunConfig) -> None:
     """Raise ``ValueError`` for settings that cannot work together."""
     choices = {
@@ -209,4 +226,5 @@ def parse_batch_sizes(spec: str) -> dict[int, int]:
         raise ValueError(f"batch_sizes {spec!r}: expected 'resolution:batch,...'") from exc
 
 
-__all__ = ["RunConfig", "available_presets", "load_config", "parse_batch_sizes", "validate_config"]
+__all__ = ["RunConfig", "available_presets", "load_config", "load_run_config", "parse_batch_sizes",
+           "validate_config"]

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -114,3 +116,37 @@ def test_checkpoint_never_saves_non_finite_weights(tmp_path):
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"val_score": 0.9})  # improved, but NaN weights: keep the old file
     assert path.read_bytes() == good and checkpoint.best_epoch is None
+
+
+def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    model = tiny_model()
+    path = tmp_path / "best.keras"
+    save_model_atomically(model, path)
+    good = path.read_bytes()
+
+    def dies_half_way(self, filepath, *args, **kwargs):
+        Path(filepath).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # e.g. Ctrl-C or the job scheduler's SIGINT mid-write
+
+    monkeypatch.setattr(keras.Model, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_model_atomically(model, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["best.keras"]  # no partial file left
+
+
+def test_atomic_text_write_survives_an_interruption(tmp_path, monkeypatch):
+    import os
+
+    from xsight_keras.files import atomic_write_text
+
+    target = tmp_path / "config.json"
+    atomic_write_text(target, '{"good": true}')
+
+    def no_rename(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", no_rename)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(target, '{"half":')
+    assert target.read_text() == '{"good": true}' and len(list(tmp_path.iterdir())) == 1

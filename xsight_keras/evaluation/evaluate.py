@@ -50,6 +50,8 @@ def evaluate_run(run_dir, split: str = "test", tta: bool = False, model_path=Non
     from xsight_keras.viz.plots import plot_confusion_matrix
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
     config = json.loads((run_dir / "config.json").read_text())
     folder = {"train": config["train_split"], "valid": config["val_split"],
               "val": config["val_split"], "test": config["test_split"]}.get(split, split)

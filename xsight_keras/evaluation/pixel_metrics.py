@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xsight_keras.files import atomic_write_text
+
 
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, K) int64 counts, rows = true class, columns = predicted class, for integer label maps."""
@@ -63,7 +65,5 @@ def write_report(results: dict, out_dir, stem: str, title: str, extra: dict | No
     paths = {"json": out_dir / f"{stem}.json", "md": out_dir / f"{stem}.md"}
     payload = {**(extra or {}), "results": results}
     for key, text in (("json", json.dumps(payload, indent=2)), ("md", markdown_report(results, title))):
-        tmp = paths[key].with_name(f".{paths[key].name}.tmp")
-        tmp.write_text(text)
-        tmp.replace(paths[key])
+        atomic_write_text(paths[key], text)
     return paths

@@ -13,6 +13,21 @@ from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
 from xsight_keras.inference.tta import apply_transform, invert_transform, parse_transforms
 
 
+def load_model_file(path) -> keras.Model:
+    """``keras.models.load_model`` in safe mode with an error that names the file when it is
+    missing or not a ``.keras`` model (``FileNotFoundError`` / ``ValueError``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    import xsight_keras.models  # noqa: F401  (registers the custom objects)
+    import xsight_keras.training  # noqa: F401
+
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as exc:  # zip, JSON and deserialisation errors alike
+        raise ValueError(f"{path} is not a loadable .keras model: {type(exc).__name__}: {exc}") from exc
+
+
 def model_data_format(model: keras.Model) -> str:
     """The image data format a model was built with (read from its first layer that has one)."""
     for layer in model._flatten_layers(include_self=False):
@@ -90,10 +105,7 @@ class Predictor:
         if not config_path.is_file():
             raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
         config = json.loads(config_path.read_text())
-        model_path = Path(model_path) if model_path else run_dir / "best.keras"
-        if not model_path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {model_path}")
-        model = keras.models.load_model(model_path)
+        model = load_model_file(Path(model_path) if model_path else run_dir / "best.keras")
         preprocess = PreprocessConfig(config["clahe_clip_limit"], tuple(config["clahe_grid"]),
                                       config["zscore"])
         kwargs.setdefault("class_names", config.get("class_names"))

@@ -29,8 +29,12 @@ def save_model_atomically(model: keras.Model, path) -> Path:
     if not _is_finite(model):
         raise ValueError(f"not saving {path}: the model has NaN or infinite weights")
     tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    except BaseException:  # interrupted or failed: the previous file stays, the partial one goes
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -306,3 +310,44 @@ class TTAValidation(keras.callbacks.Callback):
         logs["val_tta_mean_dice"] = scores["mean_dice"]
         for name, value in scores["dice"].items():
             logs[f"val_tta_dice_{name}"] = value
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the message names the epoch and step."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop training at the first step whose loss is NaN or infinite, naming epoch and step.
+
+    Raises :class:`NonFiniteLossError`; checkpoints already written stay as they are (and the
+    checkpoint writers refuse non-finite weights anyway).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not np.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"the training loss became {float(loss)} at epoch {self._epoch + 1}, step {batch + 1}; "
+                f"training stopped and no checkpoint was written from it. Lower --lr, set "
+                f"--grad_clip_val, or check the data of that epoch")
+
+
+class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
+    """``EarlyStopping`` whose counters and best weights survive a resume (see ``training.state``)."""
+
+    _resume = None
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        if self._resume:
+            self.wait = int(self._resume["wait"])
+            self.best = float(self._resume["best"])
+            self.best_epoch = int(self._resume["best_epoch"])
+            self._resume = None

@@ -15,11 +15,14 @@ import numpy as np
 from xsight_keras.config import RunConfig, parse_batch_sizes
 from xsight_keras.data import PreparedDataset, PreprocessConfig, SegmentationDataset, make_loader
 from xsight_keras.data.demo import write_demo_dataset
+from xsight_keras.files import atomic_write_text
 from xsight_keras.models import attention_unet, grow, progressive_unet
 from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
     ExponentialMovingAverage,
+    ResumableEarlyStopping,
+    StopOnNonFiniteLoss,
     ScheduleLogger,
     StochasticWeightAveraging,
     TensorBoardLogger,
@@ -38,6 +41,13 @@ from xsight_keras.training.losses import (
 )
 from xsight_keras.training.metrics import segmentation_metrics
 from xsight_keras.training.schedules import OneCycle, WarmupCosine
+from xsight_keras.training.state import (
+    EpochSeeder,
+    TrainingState,
+    load_state,
+    restore_state,
+    rewrite_history_csv,
+)
 
 DOWNLOAD_HINTS = {
     "pannuke": "Download the three PanNuke folds from https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke, "
@@ -173,6 +183,19 @@ def _datasets(config, train_split, val_split, size=None, scales=None):
     return train, val
 
 
+def _check_batch_sizes(config: RunConfig, num_samples: int) -> None:
+    """Every batch size the run will use must fit the training split (checked before any write)."""
+    if config.model == "progressive_unet":
+        sizes = parse_batch_sizes(config.batch_sizes)
+        batches = [sizes.get(STAGE_RESOLUTIONS[s], config.batch_size) for s in config.stages]
+    else:
+        batches = [config.batch_size]
+    for batch in batches:
+        if batch > num_samples:
+            raise ValueError(f"batch size {batch} is larger than the training split "
+                             f"({num_samples} samples in {config.data_root}/{config.train_split})")
+
+
 def _class_names(config, train_split):
     if config.num_classes == 1:
         return ["nucleus"]
@@ -183,7 +206,9 @@ def _class_names(config, train_split):
     return names
 
 
-def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, ema, swa, tag=""):
+def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, ema, swa, tag="",
+         stage=None, state=None, history_before=None):
+    """Compile and fit one model (one PGU-Net stage); resume from ``state`` when given."""
     steps = config.steps_per_epoch or len(train) // batch_size
     if steps < 1:
         raise ValueError(f"batch size {batch_size} is larger than the training split ({len(train)} samples)")
@@ -200,11 +225,13 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
         monitor = "val_mean_fg_dice" if config.num_classes > 1 else "val_dice_nucleus"
     model.compile(optimizer=build_optimizer(config, steps, epochs), jit_compile=config.jit_compile,
                   **compile_kwargs)
+    initial_epoch = state["epoch"] + 1 if state else 0
     train_loader = make_loader(train, batch_size, num_workers=config.num_workers,
-                               mixup_alpha=config.mixup_alpha)
+                               mixup_alpha=config.mixup_alpha, start_epoch=initial_epoch)
     val_loader = make_loader(val, batch_size, num_workers=0)
     best_path = run_dir / (f"best{tag}.keras")
-    callbacks = [ScheduleLogger(train)]
+    csv_path = run_dir / f"history{tag}.csv"
+    callbacks = [EpochSeeder(config.seed), StopOnNonFiniteLoss(), ScheduleLogger(train)]
     if ema is not None:
         callbacks.append(ema)
     if config.tta_val:
@@ -213,10 +240,8 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
         callbacks.append(TTAValidation(val.dataset, train.preprocess, tile_size=tile, ema=ema))
     if swa is not None:
         callbacks.append(swa)
-    callbacks += [
-        BestCheckpoint(best_path, monitor=monitor, mode="max", ema=ema),
-        keras.callbacks.CSVLogger(str(run_dir / f"history{tag}.csv")),
-    ]
+    checkpoint = BestCheckpoint(best_path, monitor=monitor, mode="max", ema=ema)
+    callbacks += [checkpoint, keras.callbacks.CSVLogger(str(csv_path), append=state is not None)]
     sample = [val.sample(0, i) for i in range(min(config.tensorboard_images, len(val)))]
     if sample:
         images = np.stack([s[0] for s in sample])
@@ -225,14 +250,24 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
         labels = [np.argmax(t, axis=axis) if t.shape[axis] > 1 else np.take(t, 0, axis=axis) > 0.5
                   for t in first]
         callbacks.append(TensorBoardLogger(run_dir / "logs" / (tag.strip("_") or "train"), images, labels))
+    early_stopping = None
     if config.early_stopping_patience:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor=monitor, mode="max",
-                                                       patience=config.early_stopping_patience,
-                                                       restore_best_weights=True))
-    history = model.fit(train_loader, validation_data=val_loader, epochs=epochs,
-                        steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, verbose=2)
-    plot_history(run_dir / f"history{tag}.csv", run_dir / f"curves{tag}.png")
-    return history.history, best_path, monitor, val_loader, train_loader
+        early_stopping = ResumableEarlyStopping(monitor=monitor, mode="max",
+                                                patience=config.early_stopping_patience,
+                                                restore_best_weights=True)
+        callbacks.append(early_stopping)
+    stage_history = state["stage_history"] if state else {}
+    if state:
+        restore_state(state, model, ema, swa, checkpoint, early_stopping)
+        rewrite_history_csv(csv_path, stage_history)  # drop a row of an epoch never completed
+    recorder = TrainingState(run_dir, stage, ema, swa, checkpoint, early_stopping,
+                             history=history_before or {}, stage_history=stage_history)
+    callbacks.append(recorder)  # last: it saves what the callbacks before it have done
+    model.fit(train_loader, validation_data=val_loader, epochs=epochs, initial_epoch=initial_epoch,
+              steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, verbose=2)
+    if csv_path.is_file() and csv_path.stat().st_size:
+        plot_history(csv_path, run_dir / f"curves{tag}.png")
+    return recorder.history, best_path, monitor, val_loader, train_loader
 
 
 def print_class_table(metrics: dict, class_names, prefix="val_") -> str:
@@ -251,46 +286,50 @@ def print_class_table(metrics: dict, class_names, prefix="val_") -> str:
     return table
 
 
-def train(config: RunConfig) -> RunResult:
+def train(config: RunConfig, resume: bool = False) -> RunResult:
     """Run the training the configuration describes; write everything to ``config.run_dir``.
 
     Raises ``DataNotFoundError`` (prepared data missing, with instructions), ``FileExistsError``
     (run directory in use), ``PermissionError`` (output not writable) or ``ValueError`` (settings)
     before any training starts. Keras' global image data format and dtype policy are set for the
-    run and restored afterwards.
+    run and restored afterwards. ``resume=True`` continues the run in ``config.run_dir`` from its
+    last complete epoch (see :mod:`xsight_keras.training.state`).
     """
     data_format, policy = keras.config.image_data_format(), keras.config.dtype_policy()
     try:
-        return _train(config)
+        return _train(config, resume)
     finally:
         keras.config.set_image_data_format(data_format)
         keras.config.set_dtype_policy(policy)
 
 
-def _train(config: RunConfig) -> RunResult:
+def _train(config: RunConfig, resume: bool = False) -> RunResult:
     start = time.time()
     if config.device == "cuda" and not _cuda_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available here")
     train_split, val_split = resolve_splits(config)
     class_names = _class_names(config, train_split)
-    run_dir = _prepare_run_dir(config)
+    _check_batch_sizes(config, len(train_split))
+    state = load_state(config.run_dir) if resume else None
+    run_dir = config.run_dir if resume else _prepare_run_dir(config)
     keras.utils.set_random_seed(config.seed)
     keras.config.set_image_data_format(config.data_format)
     policy = select_precision(config)
     keras.config.set_dtype_policy(policy)
     config_dict = config.to_dict() | {"dtype_policy": policy, "class_names": class_names,
                                       "keras_backend": keras.backend.backend()}
-    (run_dir / "config.json").write_text(json.dumps(config_dict, indent=2))
+    atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
     ema = ExponentialMovingAverage(config.ema_decay) if config.use_ema else None
     swa = StochasticWeightAveraging(config.swa_start_epoch) if config.use_swa else None
     if config.model == "progressive_unet":
         history, best_path, monitor, model, train_loader = _train_progressive(
-            config, train_split, val_split, run_dir, class_names, ema, swa)
+            config, train_split, val_split, run_dir, class_names, ema, swa, state)
     else:
         model = build_model(config)
         train, val = _datasets(config, train_split, val_split)
         history, best_path, monitor, _, train_loader = _fit(
-            model, config, train, val, config.batch_size, config.epochs, run_dir, class_names, ema, swa)
+            model, config, train, val, config.batch_size, config.epochs, run_dir, class_names, ema,
+            swa, state=state)
     save_model_atomically(model, run_dir / "final.keras")
     result = RunResult(run_dir, history)
     if swa is not None and swa.average is not None:
@@ -299,27 +338,32 @@ def _train(config: RunConfig) -> RunResult:
         save_model_atomically(averaged, run_dir / "swa.keras")
         print(f"SWA: averaged {swa.count} epochs, BatchNorm re-estimated on {used} batches")
     if best_path.exists():
-        best = keras.models.load_model(best_path)
         last_val = {k: v[-1] for k, v in history.items() if k.startswith("val_")}
         result.best_metrics = {k: float(max(v)) for k, v in history.items()
                                if k.startswith("val_") and "loss" not in k}
         prefix = "val_fused_" if config.model == "progressive_unet" else "val_"
         print(f"best checkpoint {best_path} ({monitor} = {max(history.get(monitor, [np.nan])):.4f})")
         print_class_table(last_val, class_names, prefix)
-        del best
     result.seconds = time.time() - start
-    (run_dir / "summary.json").write_text(json.dumps(
+    atomic_write_text(run_dir / "summary.json", json.dumps(
         {"seconds": result.seconds, "best": result.best_metrics,
          "final": {k: float(v[-1]) for k, v in history.items()}}, indent=2))
     return result
 
 
-def _train_progressive(config, train_split, val_split, run_dir, class_names, ema, swa):
+def _train_progressive(config, train_split, val_split, run_dir, class_names, ema, swa, state=None):
     """PGU-Net: train each stage at its resolution and batch size, then grow with weight transfer."""
     batch_sizes = parse_batch_sizes(config.batch_sizes)
     model, merged = None, {}
     for stage in config.stages:
         resolution = STAGE_RESOLUTIONS[stage]
+        stage_state = None
+        if state is not None:
+            if stage < state["stage"]:
+                continue  # finished before the interruption; its weights live on in the state
+            if stage == state["stage"]:
+                stage_state = state
+                merged = state["history"]
         model = build_model(config, stage) if model is None else grow(model)
         scales = tuple(2 ** i for i in range(stage))
         train, val = _datasets(config, train_split, val_split, size=resolution, scales=scales)
@@ -328,9 +372,8 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
               f"{config.epochs_per_stage} epochs, {model.count_params():,} parameters")
         history, best_path, monitor, _, train_loader = _fit(
             model, config, train, val, batch, config.epochs_per_stage, run_dir, class_names,
-            ema, swa, tag=f"_stage_{stage}")
-        for key, values in history.items():
-            merged.setdefault(key, []).extend(values)
+            ema, swa, tag=f"_stage_{stage}", stage=stage, state=stage_state, history_before=merged)
+        merged = history
         if ema is not None:
             ema.shadow = None  # the next stage has new weights: restart the average
     final_best = run_dir / "best.keras"

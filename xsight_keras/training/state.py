@@ -1,0 +1,166 @@
+"""Training-state checkpoints: everything needed to continue a run after it was killed.
+
+At every epoch end ``<run>/state/`` is rewritten atomically (a new folder, then a rename) with
+``arrays.npz`` (every model variable, every optimizer variable (moments and the step counter
+that drives the learning-rate schedule), the EMA shadow weights, the SWA running mean and the
+early-stopping best weights) and ``state.json`` (epoch, PGU-Net stage, history so far, EMA
+update count, SWA count, best-checkpoint and early-stopping counters). Random choices of the
+data pipeline are functions of ``(seed, epoch, index)`` and Keras' generators are reseeded from
+``(seed, epoch)`` at every epoch start, so a resumed run draws what an uninterrupted one draws.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+from keras import ops
+
+STATE_DIR = "state"
+
+
+def _numpy(values) -> list[np.ndarray]:
+    return [np.array(ops.convert_to_numpy(v)) for v in values]
+
+
+class EpochSeeder(keras.callbacks.Callback):
+    """Reseed Keras' (and numpy's / the backend's) generators from ``(seed, epoch)`` each epoch."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.seed = int(seed)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        keras.utils.set_random_seed(self.seed * 10_007 + epoch)
+
+
+class TrainingState(keras.callbacks.Callback):
+    """Write the training state at every epoch end (put it last among the callbacks).
+
+    ``history``: the history of the run before this ``fit`` (resumed epochs, earlier stages).
+    """
+
+    def __init__(self, run_dir, stage=None, ema=None, swa=None, checkpoint=None, early_stopping=None,
+                 history=None, stage_history=None, csv_path=None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.stage, self.ema, self.swa = stage, ema, swa
+        self.checkpoint, self.early_stopping = checkpoint, early_stopping
+        self.history = {k: list(v) for k, v in (history or {}).items()}
+        self.stage_history = {k: list(v) for k, v in (stage_history or {}).items()}
+        self.csv_path = csv_path
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, value in (logs or {}).items():
+            if np.isscalar(value):
+                self.history.setdefault(key, []).append(float(value))
+                self.stage_history.setdefault(key, []).append(float(value))
+        save_state(self.run_dir, self.model, epoch, self.stage, self.history, self.stage_history,
+                   self.ema, self.swa, self.checkpoint, self.early_stopping)
+
+
+def save_state(run_dir, model, epoch, stage, history, stage_history, ema=None, swa=None,
+               checkpoint=None, early_stopping=None) -> Path:
+    """Atomically replace ``run_dir/state`` with the current training state."""
+    run_dir = Path(run_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=".state.", dir=run_dir))
+    arrays = {f"model_{i}": a for i, a in enumerate(_numpy(model.variables))}
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer.built:
+        arrays.update({f"optimizer_{i}": a for i, a in enumerate(_numpy(optimizer.variables))})
+    meta = {"epoch": int(epoch), "stage": stage, "history": history, "stage_history": stage_history,
+            "num_model": len(model.variables),
+            "num_optimizer": len(optimizer.variables) if optimizer is not None and optimizer.built else 0}
+    if ema is not None and ema.shadow is not None:
+        arrays.update({f"ema_{i}": a for i, a in enumerate(_numpy(ema.shadow))})
+        meta["ema"] = {"updates": ema.updates, "count": len(ema.shadow), "swapped": ema._swapped}
+    if swa is not None and swa.average is not None:
+        arrays.update({f"swa_{i}": a for i, a in enumerate(swa.average)})
+        meta["swa"] = {"count": swa.count, "size": len(swa.average)}
+    if checkpoint is not None:
+        meta["checkpoint"] = {"best": checkpoint.best, "best_epoch": checkpoint.best_epoch}
+    if early_stopping is not None:
+        meta["early_stopping"] = {"wait": early_stopping.wait, "best": early_stopping.best,
+                                  "best_epoch": early_stopping.best_epoch}
+        if early_stopping.best_weights is not None:
+            arrays.update({f"es_{i}": a for i, a in enumerate(early_stopping.best_weights)})
+            meta["early_stopping"]["weights"] = len(early_stopping.best_weights)
+    np.savez(tmp / "arrays.npz", **arrays)
+    (tmp / "state.json").write_text(json.dumps(meta, default=float))
+    final = run_dir / STATE_DIR
+    old = run_dir / ".state.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_state(run_dir) -> dict:
+    """Read ``run_dir/state``; raises ``FileNotFoundError``/``ValueError`` naming the folder."""
+    folder = Path(run_dir) / STATE_DIR
+    if not (folder / "state.json").is_file():
+        old = Path(run_dir) / ".state.old"  # killed between the two renames
+        if (old / "state.json").is_file():
+            folder = old
+        else:
+            raise FileNotFoundError(f"{run_dir} has no training state to resume from "
+                                    f"(no {STATE_DIR}/state.json; was it trained before resume existed?)")
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        with np.load(folder / "arrays.npz") as data:
+            meta["arrays"] = {k: data[k] for k in data.files}
+    except (ValueError, OSError, KeyError) as exc:
+        raise ValueError(f"{folder}: training state is unreadable ({exc})") from exc
+    return meta
+
+
+def restore_state(state: dict, model, ema=None, swa=None, checkpoint=None, early_stopping=None) -> None:
+    """Put a loaded state back into the model, its (compiled) optimizer and the callbacks."""
+    arrays = state["arrays"]
+    if len(model.variables) != state["num_model"]:
+        raise ValueError(f"the saved state has {state['num_model']} model variables, the model "
+                         f"{len(model.variables)}: the configuration changed since the run started")
+    for i, v in enumerate(model.variables):
+        v.assign(arrays[f"model_{i}"])
+    if state["num_optimizer"]:
+        optimizer = model.optimizer
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        for i, v in enumerate(optimizer.variables):
+            v.assign(arrays[f"optimizer_{i}"])
+    if ema is not None and "ema" in state:
+        ema.shadow = [ops.convert_to_tensor(arrays[f"ema_{i}"]) for i in range(state["ema"]["count"])]
+        ema.updates = state["ema"]["updates"]
+        ema._swapped = False
+    if swa is not None and "swa" in state:
+        swa.average = [arrays[f"swa_{i}"] for i in range(state["swa"]["size"])]
+        swa.count = state["swa"]["count"]
+    if checkpoint is not None and "checkpoint" in state:
+        checkpoint.best = state["checkpoint"]["best"]
+        checkpoint.best_epoch = state["checkpoint"]["best_epoch"]
+    if early_stopping is not None and "early_stopping" in state:
+        es = state["early_stopping"]
+        early_stopping._resume = es  # applied in on_train_begin, which resets these counters
+        if "weights" in es:
+            early_stopping.best_weights = [arrays[f"es_{i}"] for i in range(es["weights"])]
+
+
+def rewrite_history_csv(path, history: dict) -> None:
+    """Rewrite a history CSV with exactly the epochs recorded in ``history`` (drops a row
+    written for an epoch whose state was never saved)."""
+    keys = sorted(history)
+    n = max((len(v) for v in history.values()), default=0)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["epoch"] + keys)
+        for i in range(n):
+            writer.writerow([i] + [history[k][i] if i < len(history[k]) else "" for k in keys])
