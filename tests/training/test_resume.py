@@ -90,3 +90,35 @@ def test_non_finite_loss_stops_at_its_step():
     y[9] = np.nan  # batch 3 of 4 samples (steps counted from 1)
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 3"):
         model.fit(x, y, batch_size=4, epochs=2, shuffle=False, callbacks=[StopOnNonFiniteLoss()], verbose=0)
+
+
+def test_progressive_unet_killed_in_stage_2_resumes_to_the_same_end(setup, tmp_path):
+    root, _ = setup
+    config = tmp_path / "pgu.yaml"
+    config.write_text(yaml.safe_dump({
+        "data_root": str(root / "data"), "output_dir": str(tmp_path / "out"), "epochs_per_stage": 3,
+        "base_filters": 4, "batch_sizes": "32:4,64:4,128:4,256:4", "stages": [1, 2, 3],
+        "use_ema": True, "seed": 5, "tensorboard_images": 0}))
+    base = [sys.executable, TRAIN, "--preset", "papsmear", "--config", str(config)]
+    subprocess.run(base + ["--experiment_name", "whole"], check=True, capture_output=True)
+    killed = tmp_path / "out" / "killed"
+    proc = subprocess.Popen(base + ["--experiment_name", "killed"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = killed / "state" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["stage"] == 2:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    saved = json.loads(state.read_text())
+    assert saved["stage"] == 2 and not (killed / "final.keras").exists()
+    resumed = subprocess.run([sys.executable, TRAIN, "--resume", str(killed)], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = tmp_path / "out" / "whole"
+    for stage in (1, 2, 3):
+        lines = lambda run: (run / f"history_stage_{stage}.csv").read_text().strip().splitlines()  # noqa: E731
+        assert len(lines(killed)) == len(lines(whole)) == 4
+    for a, b in zip(final_weights(whole), final_weights(killed)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
