@@ -4,8 +4,9 @@
     python scripts/predict.py slide1.png tiles/ --run outputs/demo --out predictions/ [--tta] [--save_probs]
     python scripts/predict.py image.tif --model outputs/demo/best.keras --out predictions/
 
-For each input image: <name>_labels.png (class index per pixel), <name>_overlay.png, and with
---save_probs <name>_probs.npy (float16 (H, W, K)). Unreadable files are skipped, listed at the
+For each input image: <name>_labels.png (class index per pixel), <name>_overlay.png, with
+--save_probs <name>_probs.npy (float16 (H, W, K)), and with --instances <name>_instances.png
+(16-bit nucleus ids) and <name>.geojson (one polygon per nucleus with its class, for QuPath). Unreadable files are skipped, listed at the
 end, and make the exit status 1; the other images are still written.
 """
 
@@ -19,6 +20,8 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import json  # noqa: E402
+
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -26,6 +29,13 @@ from tqdm import tqdm  # noqa: E402
 from xsight_keras.data.images import IMAGE_SUFFIXES, read_image  # noqa: E402
 from xsight_keras.data.preprocess import PreprocessConfig  # noqa: E402
 from xsight_keras.inference import Predictor  # noqa: E402
+from xsight_keras.evaluation.evaluate import load_postprocess  # noqa: E402
+from xsight_keras.files import atomic_write_text  # noqa: E402
+from xsight_keras.inference.instances import (  # noqa: E402
+    PostprocessConfig,
+    instances_to_geojson,
+    separate_instances,
+)
 from xsight_keras.inference.predictor import load_model_file  # noqa: E402
 from xsight_keras.viz.plots import overlay  # noqa: E402
 
@@ -53,6 +63,8 @@ def main(argv=None) -> int:
     parser.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles (default a quarter tile)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--save_probs", action="store_true")
+    parser.add_argument("--instances", action="store_true",
+                        help="also write nucleus instance maps and GeoJSON polygons")
     args = parser.parse_args(argv)
     kwargs = dict(tile_size=args.tile_size, overlap=args.overlap, batch_size=args.batch_size,
                   tta="all" if args.tta else None)
@@ -66,6 +78,10 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    postprocess = load_postprocess(args.run) if args.run else PostprocessConfig()
+    class_names = predictor.class_names or ["background", "nucleus"]
+    if len(class_names) == 1:
+        class_names = ["background", class_names[0]]
     failed = []
     for path in tqdm(collect_inputs(args.inputs), desc="predicting", unit="image"):
         try:
@@ -73,8 +89,13 @@ def main(argv=None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             failed.append(f"{path}: {exc}")
             continue
-        probs = predictor.predict_probabilities(image)
+        probs, instance_maps = predictor.predict_outputs(image)
         labels = Predictor.to_labels(probs)
+        if args.instances:
+            nuclei, types = separate_instances(probs, instance_maps, postprocess)
+            cv2.imwrite(str(out / f"{path.stem}_instances.png"), nuclei.astype(np.uint16))
+            geojson = instances_to_geojson(nuclei, types, class_names)
+            atomic_write_text(out / f"{path.stem}.geojson", json.dumps(geojson))
         cv2.imwrite(str(out / f"{path.stem}_labels.png"), labels)
         cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay(image, labels), cv2.COLOR_RGB2BGR))
         if args.save_probs:

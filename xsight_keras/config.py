@@ -55,6 +55,8 @@ class RunConfig:
     base_filters: int = 32  # progressive_unet
     dropout: float = 0.0
     data_format: str = "channels_first"  # faster on the torch backend
+    instance_head: bool = False  # second output (distance + contour) to separate touching nuclei
+    instance_loss_weight: float = 1.0
     # optimisation
     epochs: int = 50
     batch_size: int = 8

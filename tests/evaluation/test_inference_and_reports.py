@@ -114,6 +114,9 @@ def test_evaluate_script_writes_reports_with_and_without_tta(trained_run):
     assert np.asarray(report["confusion"]["plain"]).sum() == 3 * 256 * 256
     markdown = (trained_run / "evaluation_test.md").read_text()
     assert "| dead |" in markdown and "mean (foreground)" in markdown and "Dice tta" in markdown
+    nuclei = report["results"]["plain"]["instances"]
+    assert {"bpq", "mpq", "aji", "detection_f1", "pq_per_class", "f1_per_class"} <= set(nuclei)
+    assert "| bpq |" in markdown and "| PQ dead |" in markdown
     png = cv2.imread(str(trained_run / "confusion_test.png"))
     assert png is not None and png.shape[0] > 300 and png.shape[1] > 300
 
@@ -125,14 +128,29 @@ def test_predict_script_writes_maps_and_lists_unreadable_files(trained_run, tmp_
     cv2.imwrite(str(inputs / "good.png"), image)
     (inputs / "broken.png").write_bytes(b"not an image")
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), str(inputs),
-                           "--run", str(trained_run), "--out", str(tmp_path / "out"), "--save_probs"],
-                          capture_output=True, text=True)
+                           "--run", str(trained_run), "--out", str(tmp_path / "out"), "--save_probs",
+                           "--instances"], capture_output=True, text=True)
     assert proc.returncode == 1 and "broken.png" in proc.stderr
     labels = cv2.imread(str(tmp_path / "out" / "good_labels.png"), cv2.IMREAD_UNCHANGED)
     assert labels.shape == (100, 130) and labels.max() < 6
     assert np.load(tmp_path / "out" / "good_probs.npy").shape == (100, 130, 6)
     assert cv2.imread(str(tmp_path / "out" / "good_overlay.png")).shape == (100, 130, 3)
     assert not (tmp_path / "out" / "broken_labels.png").exists()
+    nuclei = cv2.imread(str(tmp_path / "out" / "good_instances.png"), cv2.IMREAD_UNCHANGED)
+    assert nuclei.shape == (100, 130) and nuclei.dtype == np.uint16
+    geojson = json.loads((tmp_path / "out" / "good.geojson").read_text())
+    assert geojson["type"] == "FeatureCollection"
+    assert len(geojson["features"]) == len(np.unique(nuclei)) - 1 or len(geojson["features"]) <= nuclei.max()
+
+
+def test_tuning_writes_postprocess_settings_used_by_evaluation(trained_run):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_postprocessing.py"), "--run",
+                           str(trained_run), "--limit", "2"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads((trained_run / "postprocess.json").read_text())
+    assert set(settings) == {"dist_threshold", "contour_threshold", "min_marker_size", "min_size"}
+    search = json.loads((trained_run / "postprocess_search.json").read_text())
+    assert len(search["trials"]) == 5 * 3  # no instance head: the contour threshold is not searched
 
 
 def test_plots_are_written_with_the_expected_size(trained_run, tmp_path):

@@ -133,3 +133,14 @@ def test_train_leaves_keras_global_settings_as_it_found_them(demo_root, tmp_path
     train(config)
     assert keras.config.image_data_format() == "channels_last"
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_run_with_an_instance_head_trains_both_outputs(demo_root, tmp_path):
+    config = load_config("demo", overrides={
+        "data_root": str(demo_root), "output_dir": str(tmp_path), "experiment_name": "inst",
+        "epochs": 1, "batch_size": 4, "input_size": 32, "val_size": 32, "instance_head": True,
+        "decoder_filters": "8,8,8,8,8"})
+    result = train(config)
+    assert {"val_semantic_mean_fg_dice", "instance_loss", "val_instance_loss"} <= set(result.history)
+    model = keras.models.load_model(result.run_dir / "best.keras")
+    assert set(model.output) == {"semantic", "instance"}

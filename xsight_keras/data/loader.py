@@ -94,6 +94,9 @@ class SegmentationDataset(Dataset):
             (H, W, 1) = any nucleus.
         scales: PGU-Net output scales, e.g. ``(1, 2, 4)``: targets become a dict with ``"fused"``
             and ``"scale_s"`` (nearest-downsampled by s).
+        instance_targets: add ``"instance"`` (H, W, 2) targets for the instance head (normalised
+            distance, contour; see :func:`xsight_keras.inference.instances.instance_targets`);
+            the semantic target is then under ``"semantic"`` (or ``"fused"`` with scales).
         data_format: layout of images and one-hot targets, ``"channels_last"`` or ``"channels_first"``.
 
     Item: ``(image float32 (H, W, C), targets, (epoch, index))``.
@@ -102,7 +105,8 @@ class SegmentationDataset(Dataset):
     def __init__(self, dataset, *, size=None, level=0, resize_mode="crop", train=True,
                  preprocess: PreprocessConfig = PreprocessConfig(), target="onehot",
                  num_classes: int | None = None, scales: Iterable[int] | None = None,
-                 data_format="channels_last", seed: int = 0):
+                 data_format="channels_last", seed: int = 0, instance_targets: bool = False,
+                 semantic_key: str | None = None):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if target not in TARGET_KINDS:
             raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
@@ -118,6 +122,8 @@ class SegmentationDataset(Dataset):
         self.scales = tuple(scales) if scales else None
         self.data_format = data_format
         self.seed = seed
+        self.instance_targets = instance_targets
+        self.semantic_key = semantic_key or ("fused" if self.scales else "semantic")
         self._augmentations: dict[int, object] = {}
         self._eye = np.eye(self.num_classes, dtype=np.float32)
 
@@ -152,6 +158,8 @@ class SegmentationDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         item = self.dataset[index]
         image, masks = item.image, [item.classes]
+        if self.instance_targets:
+            masks.append(item.instances)
         size = self.size_at(epoch)
         if size is not None:
             image, masks = _fit_to_size((image, masks), size, rng, self.train,
@@ -165,11 +173,16 @@ class SegmentationDataset(Dataset):
         if self.data_format == "channels_first":
             x = np.ascontiguousarray(x.transpose(2, 0, 1))
         classes = masks[0]
-        if self.scales is None:
+        if self.scales is None and not self.instance_targets:
             return x, self._targets(classes)
-        targets = {"fused": self._targets(classes)}
-        for s in self.scales:
+        targets = {self.semantic_key: self._targets(classes)}
+        for s in self.scales or ():
             targets[f"scale_{s}"] = self._targets(classes[::s, ::s]) if s > 1 else targets["fused"]
+        if self.instance_targets:
+            from xsight_keras.inference.instances import instance_targets
+
+            t = instance_targets(masks[1])
+            targets["instance"] = t if self.data_format == "channels_last" else np.ascontiguousarray(t.transpose(2, 0, 1))
         return x, targets
 
     def __getitem__(self, key):

@@ -10,33 +10,59 @@ from tqdm import tqdm
 
 from xsight_keras.data.prepared import PreparedDataset
 from xsight_keras.evaluation.pixel_metrics import confusion_matrix, scores_from_confusion, write_report
+from xsight_keras.evaluation.instance_metrics import dataset_scores, image_scores
 from xsight_keras.inference.predictor import Predictor
 
 
 def evaluate_split(predictor: Predictor, dataset: PreparedDataset, progress: bool = True,
-                   limit: int | None = None) -> dict:
+                   limit: int | None = None, instances: bool = True, postprocess=None) -> dict:
     """Predict every image of ``dataset`` whole and score it.
 
     Returns ``{"scores": ..., "confusion": (K, K) list}`` where K = the dataset's classes, or 2
-    (background, nucleus) for a binary model (the dataset's classes > 0 count as nucleus).
+    (background, nucleus) for a binary model (the dataset's classes > 0 count as nucleus). With
+    ``instances`` the predicted nuclei (watershed, :mod:`xsight_keras.inference.instances`) are
+    scored too: ``scores["instances"]`` holds bPQ, mPQ, per-class PQ and F1, AJI.
+    ``postprocess``: a :class:`~xsight_keras.inference.instances.PostprocessConfig` (defaults).
     """
+    from xsight_keras.inference.instances import PostprocessConfig, separate_instances
+
+    postprocess = postprocess or PostprocessConfig()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     names = dataset.class_names
     confusion = None
+    per_image = []
     for i in tqdm(range(n), desc="evaluating", disable=not progress):
         sample = dataset[i]
-        probs = predictor.predict_probabilities(sample.image)
+        probs, instance_maps = predictor.predict_outputs(sample.image)
         binary = probs.shape[-1] == 1
         truth = (sample.classes > 0).astype(np.uint8) if binary else sample.classes
         k = 2 if binary else probs.shape[-1]
         if not binary and k != dataset.num_classes:
             raise ValueError(f"the model predicts {k} classes, {dataset.root} has {dataset.num_classes}")
-        cm = confusion_matrix(truth, Predictor.to_labels(probs), k)
+        labels = Predictor.to_labels(probs)
+        cm = confusion_matrix(truth, labels, k)
         confusion = cm if confusion is None else confusion + cm
+        if instances:
+            pred_inst, _ = separate_instances(probs, instance_maps, postprocess)
+            per_image.append(image_scores(sample.instances, truth, pred_inst, labels, k))
     if confusion.shape[0] == 2 and len(names) != 2:
         names = ["background", "nucleus"]
-    return {"scores": scores_from_confusion(confusion, names), "confusion": confusion.tolist(),
-            "class_names": list(names), "images": n}
+    result = {"scores": scores_from_confusion(confusion, names), "confusion": confusion.tolist(),
+              "class_names": list(names), "images": n}
+    if instances:
+        tissues = None if dataset.tissues is None else dataset.tissues[:n]
+        result["scores"]["instances"] = dataset_scores(per_image, list(names), tissues)
+    return result
+
+
+def load_postprocess(run_dir):
+    """The run's tuned watershed settings (``postprocess.json``) or the defaults."""
+    from xsight_keras.inference.instances import PostprocessConfig
+
+    path = Path(run_dir) / "postprocess.json"
+    if path.is_file():
+        return PostprocessConfig(**json.loads(path.read_text()))
+    return PostprocessConfig()
 
 
 def evaluate_run(run_dir, split: str = "test", tta: bool = False, model_path=None,
@@ -58,10 +84,11 @@ def evaluate_run(run_dir, split: str = "test", tta: bool = False, model_path=Non
     root = Path(data_root or config["data_root"]) / folder
     dataset = PreparedDataset(root)
     predictor = Predictor.from_run(run_dir, model_path)
-    runs = {"plain": evaluate_split(predictor, dataset, progress, limit)}
+    postprocess = load_postprocess(run_dir)
+    runs = {"plain": evaluate_split(predictor, dataset, progress, limit, postprocess=postprocess)}
     if tta:
         predictor.transforms = tuple(range(8))
-        runs["tta"] = evaluate_split(predictor, dataset, progress, limit)
+        runs["tta"] = evaluate_split(predictor, dataset, progress, limit, postprocess=postprocess)
     results = {name: r["scores"] for name, r in runs.items()}
     extra = {"run": str(run_dir), "model": str(model_path or run_dir / "best.keras"),
              "split": folder, "images": runs["plain"]["images"],

@@ -54,6 +54,14 @@ def markdown_report(results: dict, title: str) -> str:
         iou_key = key.replace("dice", "iou")
         cells = " | ".join(f"{results[n][key]:.4f} | {results[n][iou_key]:.4f}" for n in names)
         lines.append(f"| **{label}** | {cells} |")
+    if all("instances" in results[n] for n in names):
+        lines += ["", "## Nuclei (watershed instances; PanNuke protocol)", "",
+                  "| metric | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for key in ("bpq", "mpq", "aji", "detection_f1"):
+            lines.append(f"| {key} | " + " | ".join(f"{results[n]['instances'][key]:.4f}" for n in names) + " |")
+        for c in next(iter(results.values()))["instances"]["pq_per_class"]:
+            lines.append(f"| PQ {c} | " + " | ".join(f"{results[n]['instances']['pq_per_class'][c]:.4f}" for n in names) + " |")
+            lines.append(f"| F1 {c} | " + " | ".join(f"{results[n]['instances']['f1_per_class'][c]:.4f}" for n in names) + " |")
     lines.append("")
     return "\n".join(lines)
 

@@ -119,7 +119,11 @@ class Predictor:
             if self.channels_first:
                 x = x.transpose(0, 3, 1, 2)
             y = self.model.predict_on_batch(x)
-            y = y["fused"] if isinstance(y, dict) else y
+            if isinstance(y, dict):  # semantic map first, then the instance head's channels
+                main = y["fused"] if "fused" in y else y["semantic"]
+                parts = [main] + ([y["instance"]] if "instance" in y else [])
+                y = np.concatenate([np.asarray(keras.ops.convert_to_numpy(v), np.float32)
+                                    for v in parts], axis=1 if self.channels_first else -1)
             y = np.asarray(keras.ops.convert_to_numpy(y), np.float32)
             if self.channels_first:
                 y = y.transpose(0, 2, 3, 1)
@@ -127,8 +131,23 @@ class Predictor:
             total = y if total is None else total + y
         return total / len(self.transforms)
 
+    @property
+    def has_instance_head(self) -> bool:
+        return isinstance(self.model.output, dict) and "instance" in self.model.output
+
+    def predict_outputs(self, image: np.ndarray):
+        """uint8 image (H, W, C) → (probabilities float32 (H, W, K), instance maps float32
+        (H, W, 2) or ``None`` when the model has no instance head)."""
+        out = self._predict_all(image)
+        if self.has_instance_head:
+            return out[..., :-2], out[..., -2:]
+        return out, None
+
     def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
         """uint8 image (H, W, C) → float32 probabilities (H, W, K), any H and W."""
+        return self.predict_outputs(image)[0]
+
+    def _predict_all(self, image: np.ndarray) -> np.ndarray:
         if image.ndim == 2:
             image = image[..., None]
         if image.dtype != np.uint8:

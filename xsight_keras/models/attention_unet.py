@@ -14,6 +14,7 @@ from xsight_keras.models.layers import (
     channel_axis,
     conv_bn_relu,
     image_input,
+    instance_branch,
     output_activation,
 )
 
@@ -31,6 +32,7 @@ def attention_unet(
     input_channels: int = 3,
     input_size: tuple[int, int] | None = None,
     name: str | None = None,
+    instance_head: bool = False,
 ) -> keras.Model:
     """Build an Attention U-Net with a ResNet encoder.
 
@@ -44,6 +46,10 @@ def attention_unet(
     two 3×3 conv+BN+ReLU (``dec{i}_block1``, ``dec{i}_block2``) with ``decoder_filters[i-1]``
     filters, then optional dropout. The last stage (stride 1) has no skip.
     ``encoder_weights``: ``None``, ``"imagenet"`` or a torchvision ``.pth``/``.safetensors`` file.
+    ``instance_head=True`` adds a second output and makes the outputs a dict: ``"semantic"`` (the
+    probabilities above) and ``"instance"`` (B, H, W, 2) float32 in [0, 1]: a distance map
+    normalised per nucleus and a contour probability, which separate touching nuclei
+    (:func:`xsight_keras.inference.instances.separate_instances`).
     """
     if len(decoder_filters) != 5:
         raise ValueError(f"decoder_filters needs 5 entries (one per stride), got {decoder_filters}")
@@ -68,6 +74,8 @@ def attention_unet(
             d = layers.Dropout(dropout, name=f"dec{i}_dropout")(d)
     logits = layers.Conv2D(num_classes, 1, name="head_conv")(d)
     outputs = output_activation(activation, name="probabilities")(logits)
+    if instance_head:
+        outputs = {"semantic": outputs, "instance": instance_branch(d, decoder_filters[-1])}
     model = keras.Model(inputs, outputs, name=name or f"attention_unet_{encoder}")
     if encoder_weights is not None:
         load_encoder_weights(model, encoder_weights, encoder)

@@ -27,6 +27,7 @@ from xsight_keras.models.layers import (
     channel_axis,
     conv_bn_relu,
     image_input,
+    instance_branch,
     output_activation,
 )
 from xsight_keras.models.transfer import transfer_weights
@@ -52,6 +53,7 @@ def progressive_unet(
     dropout: float = 0.0,
     activation: str | None = "auto",
     input_size: tuple[int, int] | None = None,
+    instance_head: bool = False,
 ) -> keras.Model:
     """Build PGU-Net stage ``stage`` (1–4).
 
@@ -61,7 +63,9 @@ def progressive_unet(
     ``"scale_{s}"`` at H/s×W/s for s = 1, 2, …, 2^(stage-1) (one per decoder level), so
     ``compile(loss={...}, loss_weights={...})`` can supervise every scale. ``activation="auto"``
     is sigmoid for one class (binary masks) and softmax otherwise. Use :func:`inference_view`
-    for a model that returns only the fused map.
+    for a model that returns only the fused map. ``instance_head=True`` adds ``"instance"``
+    (H×W, 2 channels: normalised distance, contour) from the finest decoder level; its weights
+    are new at each stage (its input width changes), everything else transfers.
     """
     if stage not in STAGE_RESOLUTIONS:
         raise ValueError(f"stage must be one of 1, 2, 3, 4, got {stage}")
@@ -99,6 +103,8 @@ def progressive_unet(
         fused_inputs.append(logits)
     fused = fused_inputs[0] if stage == 1 else layers.Average(name="fuse_mean")(fused_inputs)
     outputs = {"fused": output_activation(activation, name="fused")(fused), **outputs}
+    if instance_head:
+        outputs["instance"] = instance_branch(x, level_filters(stage, base_filters))
     return keras.Model(inputs, outputs, name=f"progressive_unet_stage{stage}")
 
 
@@ -125,6 +131,7 @@ def progressive_unet_spec(model: keras.Model) -> dict:
         "dropout": float(dropout),
         "activation": activation,
         "data_format": conv.data_format,
+        "instance_head": "instance" in names,
     }
 
 

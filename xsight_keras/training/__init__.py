@@ -15,6 +15,7 @@ from xsight_keras.training.losses import (
     BoundaryLoss,
     FocalLoss,
     HybridLoss,
+    InstanceLoss,
     SoftDiceLoss,
     class_weights_from_counts,
     multiscale_losses,
@@ -24,7 +25,7 @@ from xsight_keras.training.schedules import OneCycle, WarmupCosine
 
 __all__ = [
     "BCEDiceLoss", "BestCheckpoint", "BoundaryLoss", "ExponentialMovingAverage", "FocalLoss",
-    "HybridLoss", "OneCycle", "ScheduleLogger", "SegmentationScore", "SoftDiceLoss",
+    "HybridLoss", "InstanceLoss", "OneCycle", "ScheduleLogger", "SegmentationScore", "SoftDiceLoss",
     "StochasticWeightAveraging", "TensorBoardLogger", "WarmupCosine", "class_weights_from_counts",
     "multiscale_losses", "plot_history", "save_model_atomically", "segmentation_metrics",
     "update_batch_norm",

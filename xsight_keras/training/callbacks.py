@@ -236,7 +236,8 @@ class TensorBoardLogger(keras.callbacks.Callback):
                 self.writer.add_scalar(key if key.startswith("val_") else f"train/{key}", value, epoch)
         if self.images is not None and len(self.images):
             probs = self.model.predict(self.images, verbose=0)
-            probs = probs["fused"] if isinstance(probs, dict) else probs
+            if isinstance(probs, dict):
+                probs = probs["fused"] if "fused" in probs else probs["semantic"]
             axis = channel_axis()
             pred = (probs[..., 0] >= 0.5 if probs.shape[axis] == 1 and axis == -1 else
                     probs[:, 0] >= 0.5 if probs.shape[axis] == 1 else np.argmax(probs, axis=axis))
@@ -305,7 +306,8 @@ class TTAValidation(keras.callbacks.Callback):
         with context:
             predictor = Predictor(self.model, self.preprocess, tile_size=self.tile_size,
                                   tta=self.transforms)
-            scores = evaluate_split(predictor, self.dataset, progress=False, limit=self.limit)["scores"]
+            scores = evaluate_split(predictor, self.dataset, progress=False, limit=self.limit,
+                                    instances=False)["scores"]
         logs["val_tta_mean_fg_dice"] = scores["mean_fg_dice"]
         logs["val_tta_mean_dice"] = scores["mean_dice"]
         for name, value in scores["dice"].items():

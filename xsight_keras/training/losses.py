@@ -210,11 +210,39 @@ class BCEDiceLoss(_SegmentationLoss):
 def multiscale_losses(loss, output_names, weights=(1.0, 0.5, 0.25, 0.125, 0.0625)):
     """Loss and loss-weight dicts for PGU-Net's named outputs (``fused``, ``scale_1``, …).
 
-    ``fused`` gets ``weights[0]``; ``scale_s`` gets the weight of its position after it (finest
-    first). Returns ``(losses, loss_weights)`` for ``model.compile``.
+    The main output (``fused``, or the first name that is not ``scale_*``) gets ``weights[0]``;
+    ``scale_s`` gets the weight of its position after it (finest first). Returns
+    ``(losses, loss_weights)`` for ``model.compile``.
     """
-    names = ["fused"] + sorted((n for n in output_names if n != "fused"),
-                               key=lambda n: int(n.split("_")[1]))
+    main = [n for n in output_names if not n.startswith("scale_")]
+    names = main[:1] + sorted((n for n in output_names if n.startswith("scale_")),
+                              key=lambda n: int(n.split("_")[1]))
     losses = {n: loss for n in names}
     loss_weights = {n: float(weights[min(i, len(weights) - 1)]) for i, n in enumerate(names)}
     return losses, loss_weights
+
+
+@keras.saving.register_keras_serializable(package="xsight_keras")
+class InstanceLoss(_SegmentationLoss):
+    """Loss of the instance head: MSE on the normalised distance map (channel 0) plus BCE and
+    soft Dice on the contour map (channel 1). ``y_true``/``y_pred`` (B, H, W, 2) in [0, 1]."""
+
+    def __init__(self, distance_weight=1.0, contour_weight=1.0, data_format="channels_last",
+                 name="instance", **kwargs):
+        super().__init__(data_format=data_format, name=name, **kwargs)
+        self.distance_weight, self.contour_weight = float(distance_weight), float(contour_weight)
+        self.dice = SoftDiceLoss(data_format=data_format)
+
+    def call(self, y_true, y_pred):
+        y_true, y_pred = self._prepare(y_true, y_pred)
+        axis, _ = _axes(self.data_format)
+        dist_t, cont_t = ops.split(y_true, 2, axis=axis)
+        dist_p, cont_p = ops.split(y_pred, 2, axis=axis)
+        mse = ops.mean(ops.square(dist_t - dist_p))
+        p = ops.clip(cont_p, _EPS, 1.0 - _EPS)
+        bce = -ops.mean(cont_t * ops.log(p) + (1 - cont_t) * ops.log(1 - p))
+        return self.distance_weight * mse + self.contour_weight * (bce + self.dice.call(cont_t, cont_p))
+
+    def get_config(self):
+        return {**super().get_config(), "distance_weight": self.distance_weight,
+                "contour_weight": self.contour_weight}

@@ -35,6 +35,7 @@ from xsight_keras.training.losses import (
     BCEDiceLoss,
     FocalLoss,
     HybridLoss,
+    InstanceLoss,
     SoftDiceLoss,
     class_weights_from_counts,
     multiscale_losses,
@@ -109,10 +110,12 @@ def build_model(config: RunConfig, stage: int | None = None) -> keras.Model:
     """The model the configuration describes (PGU-Net at ``stage``, default the first)."""
     if config.model == "progressive_unet":
         return progressive_unet(stage or config.stages[0], config.in_channels, config.num_classes,
-                                base_filters=config.base_filters, dropout=config.dropout)
+                                base_filters=config.base_filters, dropout=config.dropout,
+                                instance_head=config.instance_head)
     activation = "sigmoid" if config.num_classes == 1 else "softmax"
     return attention_unet(config.num_classes, config.encoder, config.encoder_weights,
-                          config.decoder_filters, config.dropout, activation, config.in_channels)
+                          config.decoder_filters, config.dropout, activation, config.in_channels,
+                          instance_head=config.instance_head)
 
 
 def build_loss(config: RunConfig, pixel_counts=None):
@@ -172,14 +175,12 @@ def _datasets(config, train_split, val_split, size=None, scales=None):
     pre = PreprocessConfig(config.clahe_clip_limit, config.clahe_grid, config.zscore)
     target = "binary" if config.num_classes == 1 else "onehot"
     train_size = size or (config.size_schedule if config.progressive else config.input_size)
+    common = dict(preprocess=pre, target=target, scales=scales, data_format=config.data_format,
+                  seed=config.seed, instance_targets=config.instance_head,
+                  num_classes=max(config.num_classes, 2) if target == "onehot" else None)
     train = SegmentationDataset(train_split, size=train_size, level=config.aug_schedule,
-                                resize_mode=config.resize_mode, train=True, preprocess=pre,
-                                target=target, num_classes=max(config.num_classes, 2) if target == "onehot" else None,
-                                scales=scales, data_format=config.data_format, seed=config.seed)
-    val_size = size or config.val_size
-    val = SegmentationDataset(val_split, size=val_size, train=False, preprocess=pre, target=target,
-                              num_classes=max(config.num_classes, 2) if target == "onehot" else None,
-                              scales=scales, data_format=config.data_format, seed=config.seed)
+                                resize_mode=config.resize_mode, train=True, **common)
+    val = SegmentationDataset(val_split, size=size or config.val_size, train=False, **common)
     return train, val
 
 
@@ -215,14 +216,18 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     loss = build_loss(config, train.dataset.pixel_counts)
     metrics = segmentation_metrics(class_names, config.data_format)
     scales = getattr(train, "scales", None)
-    if scales:
-        output_names = ["fused"] + [f"scale_{s}" for s in scales]
-        losses, loss_weights = multiscale_losses(loss, output_names, config.scale_loss_weights)
-        compile_kwargs = {"loss": losses, "loss_weights": loss_weights, "metrics": {"fused": metrics}}
-        monitor = "val_fused_mean_fg_dice"
+    if isinstance(model.output, dict):  # PGU-Net scales and/or an instance head
+        primary = "fused" if "fused" in model.output else "semantic"
+        names = [primary] + [f"scale_{s}" for s in scales or ()]
+        losses, loss_weights = multiscale_losses(loss, names, config.scale_loss_weights)
+        if "instance" in model.output:
+            losses["instance"] = InstanceLoss(data_format=config.data_format)
+            loss_weights["instance"] = config.instance_loss_weight
+        compile_kwargs = {"loss": losses, "loss_weights": loss_weights, "metrics": {primary: metrics}}
+        monitor = f"val_{primary}_mean_fg_dice"
     else:
         compile_kwargs = {"loss": loss, "metrics": metrics}
-        monitor = "val_mean_fg_dice" if config.num_classes > 1 else "val_dice_nucleus"
+        monitor = "val_mean_fg_dice"
     model.compile(optimizer=build_optimizer(config, steps, epochs), jit_compile=config.jit_compile,
                   **compile_kwargs)
     initial_epoch = state["epoch"] + 1 if state else 0
@@ -245,7 +250,7 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     sample = [val.sample(0, i) for i in range(min(config.tensorboard_images, len(val)))]
     if sample:
         images = np.stack([s[0] for s in sample])
-        first = [s[1]["fused"] if isinstance(s[1], dict) else s[1] for s in sample]
+        first = [s[1][train.semantic_key] if isinstance(s[1], dict) else s[1] for s in sample]
         axis = -1 if config.data_format == "channels_last" else 0
         labels = [np.argmax(t, axis=axis) if t.shape[axis] > 1 else np.take(t, 0, axis=axis) > 0.5
                   for t in first]
@@ -341,7 +346,7 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
         last_val = {k: v[-1] for k, v in history.items() if k.startswith("val_")}
         result.best_metrics = {k: float(max(v)) for k, v in history.items()
                                if k.startswith("val_") and "loss" not in k}
-        prefix = "val_fused_" if config.model == "progressive_unet" else "val_"
+        prefix = monitor.removesuffix("mean_fg_dice")
         print(f"best checkpoint {best_path} ({monitor} = {max(history.get(monitor, [np.nan])):.4f})")
         print_class_table(last_val, class_names, prefix)
     result.seconds = time.time() - start

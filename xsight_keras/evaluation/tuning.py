@@ -1,0 +1,75 @@
+"""Choose the watershed settings that maximise PQ on a validation split (small grid search)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from xsight_keras.data.prepared import PreparedDataset
+from xsight_keras.evaluation.instance_metrics import dataset_scores, image_scores
+from xsight_keras.files import atomic_write_text
+from xsight_keras.inference.predictor import Predictor
+
+GRID = {
+    "dist_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
+    "contour_threshold": (0.3, 0.5, 0.7),
+    "min_size": (5, 10, 20),
+}
+
+
+def tune_postprocessing(predictor: Predictor, dataset: PreparedDataset, limit: int | None = None,
+                        metric: str | None = None, progress: bool = True) -> dict:
+    """Grid-search :class:`PostprocessConfig` on ``dataset``; predictions are made once.
+
+    ``metric``: ``"mpq"`` or ``"bpq"`` (default: mPQ with several nucleus classes, else bPQ).
+    Returns ``{"best": settings, "score": value, "metric": name, "trials": [...]}``.
+    """
+    from xsight_keras.inference.instances import PostprocessConfig, separate_instances
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    cached = []
+    for i in tqdm(range(n), desc="predicting", disable=not progress):
+        s = dataset[i]
+        probs, inst_maps = predictor.predict_outputs(s.image)
+        binary = probs.shape[-1] == 1
+        truth = (s.classes > 0).astype(np.uint8) if binary else s.classes
+        cached.append((s.instances, truth, probs, inst_maps, 2 if binary else probs.shape[-1]))
+    k = cached[0][4]
+    metric = metric or ("mpq" if k > 2 else "bpq")
+    names = ["background"] + [f"class_{c}" for c in range(1, k)]
+    grid = dict(GRID)
+    if cached[0][3] is None:
+        grid["contour_threshold"] = (0.5,)  # only used with an instance head
+    trials = []
+    for values in tqdm(list(itertools.product(*grid.values())), desc="tuning", disable=not progress):
+        config = PostprocessConfig(**dict(zip(grid, values)))
+        per_image = []
+        for true_inst, truth, probs, inst_maps, kk in cached:
+            pred_inst, _ = separate_instances(probs, inst_maps, config)
+            labels = Predictor.to_labels(probs)
+            per_image.append(image_scores(true_inst, truth, pred_inst, labels, kk))
+        tissues = None if dataset.tissues is None else dataset.tissues[:n]
+        score = dataset_scores(per_image, names, tissues)[metric]
+        trials.append({**config.to_dict(), metric: score})
+    best = max(trials, key=lambda t: -np.inf if np.isnan(t[metric]) else t[metric])
+    settings = {key: best[key] for key in PostprocessConfig().to_dict()}
+    return {"best": settings, "score": best[metric], "metric": metric, "trials": trials}
+
+
+def tune_run(run_dir, split: str = "valid", limit: int | None = None, progress: bool = True) -> dict:
+    """Tune on a run's validation split and write ``postprocess.json`` (used by evaluate/predict)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    config = json.loads((run_dir / "config.json").read_text())
+    folder = {"train": config["train_split"], "valid": config["val_split"],
+              "test": config["test_split"]}.get(split, split)
+    dataset = PreparedDataset(Path(config["data_root"]) / folder)
+    result = tune_postprocessing(Predictor.from_run(run_dir), dataset, limit, progress=progress)
+    atomic_write_text(run_dir / "postprocess.json", json.dumps(result["best"], indent=2))
+    atomic_write_text(run_dir / "postprocess_search.json", json.dumps(result, indent=2, default=float))
+    return result

@@ -1,0 +1,133 @@
+"""From pixel outputs to individual nuclei: marker-controlled watershed and a type per nucleus.
+
+With an instance head (two channels: a distance map normalised to 1 at each nucleus' centre,
+and a contour probability), markers are the confident nucleus cores
+(``distance > dist_threshold`` and ``contour < contour_threshold``) and the watershed floods the
+negative distance inside the foreground. Without one, the distance transform of the predicted
+foreground stands in for the distance map (classic separation of touching blobs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+from skimage.segmentation import watershed
+
+from xsight_keras.evaluation.instance_metrics import instance_classes, relabel
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """Watershed settings (tune them on the validation split: ``scripts/tune_postprocessing.py``)."""
+
+    dist_threshold: float = 0.6
+    contour_threshold: float = 0.5
+    min_marker_size: int = 4
+    min_size: int = 10
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def foreground_and_labels(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, K) probabilities → (foreground bool (H, W), class labels uint8 (H, W))."""
+    if probabilities.shape[-1] == 1:
+        fg = probabilities[..., 0] >= 0.5
+        return fg, fg.astype(np.uint8)
+    labels = np.argmax(probabilities, axis=-1).astype(np.uint8)
+    return labels > 0, labels
+
+
+def separate_instances(probabilities: np.ndarray, instance_maps: np.ndarray | None = None,
+                       config: PostprocessConfig = PostprocessConfig()) -> tuple[np.ndarray, np.ndarray]:
+    """Turn model outputs into nuclei.
+
+    ``probabilities`` float (H, W, K) class probabilities (K = 1: binary), ``instance_maps``
+    optional float (H, W, 2) (normalised distance, contour probability). Returns ``instances``
+    int32 (H, W) with ids 1..n and ``types`` int (n + 1,) giving each id's class by majority vote
+    (``types[0]`` unused).
+    """
+    fg, labels = foreground_and_labels(probabilities)
+    if instance_maps is not None:
+        distance = instance_maps[..., 0]
+        cores = fg & (distance > config.dist_threshold) & (instance_maps[..., 1] < config.contour_threshold)
+    else:
+        distance = ndimage.distance_transform_edt(fg)
+        peak = ndimage.maximum_filter(distance, size=5)
+        cores = fg & (distance >= np.maximum(peak * config.dist_threshold, 1.0)) & (distance > 0)
+        cores &= distance >= config.dist_threshold * ndimage.maximum_filter(distance, size=15)
+    markers, n = ndimage.label(cores)
+    if n and config.min_marker_size > 1:
+        sizes = np.bincount(markers.ravel())
+        markers[sizes[markers] < config.min_marker_size] = 0
+    instances = watershed(-distance, markers, mask=fg).astype(np.int32)
+    if config.min_size > 1 and instances.max():
+        sizes = np.bincount(instances.ravel())
+        instances[sizes[instances] < config.min_size] = 0
+    instances, _ = relabel(instances)
+    instances = instances.astype(np.int32)
+    num_classes = max(int(labels.max()) + 1, 2)
+    return instances, instance_classes(instances, labels, num_classes)
+
+
+def instance_targets(instances: np.ndarray) -> np.ndarray:
+    """Training targets of the instance head from an instance map: float32 (H, W, 2).
+
+    Channel 0: distance to the nucleus border, divided by the nucleus' largest distance (1 at
+    its centre, 0 outside); touching nuclei are kept apart by cutting their shared border first.
+    Channel 1: 1 on each nucleus' inner boundary (pixels with a 4-neighbour of another id).
+    """
+    inst = instances.astype(np.int32)
+    padded = np.pad(inst, 1, mode="edge")
+    differs = np.zeros(inst.shape, bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        differs |= padded[dy:dy + inst.shape[0], dx:dx + inst.shape[1]] != inst
+    contour = differs & (inst > 0)
+    distance = ndimage.distance_transform_edt((inst > 0) & ~contour)
+    top = int(inst.max())
+    if top:
+        peaks = ndimage.maximum(distance, inst, index=np.arange(top + 1))
+        peaks = np.where(np.asarray(peaks) > 0, peaks, 1.0)
+        distance = distance / peaks[inst]
+    out = np.stack([distance, contour], axis=-1).astype(np.float32)
+    out[inst == 0] = 0.0
+    return out
+
+
+def instances_to_geojson(instances: np.ndarray, types=None, class_names=None) -> dict:
+    """A GeoJSON FeatureCollection with one polygon per nucleus, as QuPath imports detections.
+
+    ``instances`` int (H, W); ``types`` the class of each id (from :func:`separate_instances`);
+    ``class_names`` names per class index. Coordinates are pixels (x right, y down), each ring
+    closed; a nucleus whose outline has fewer than 3 points is left out.
+    """
+    import cv2
+
+    from xsight_keras.viz.plots import CLASS_COLOURS
+
+    features = []
+    for iid, window in enumerate(ndimage.find_objects(instances), start=1):
+        if window is None:
+            continue
+        mask = (instances[window] == iid).astype(np.uint8)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        if not contours:
+            continue
+        outline = max(contours, key=cv2.contourArea)[:, 0, :]
+        if len(outline) < 3:
+            continue
+        ring = (outline + [window[1].start, window[0].start]).tolist()
+        ring.append(ring[0])
+        cls = int(types[iid]) if types is not None and iid < len(types) else 1
+        name = class_names[cls] if class_names is not None and cls < len(class_names) else f"class_{cls}"
+        colour = CLASS_COLOURS[cls % len(CLASS_COLOURS)].tolist()
+        features.append({
+            "type": "Feature",
+            "id": str(iid),
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {"objectType": "detection",
+                           "classification": {"name": name, "color": colour}},
+        })
+    return {"type": "FeatureCollection", "features": features}
