@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from xsight_keras.data import PreparedDataset  # noqa: E402
+from xsight_keras.evaluation.evaluate import run_split  # noqa: E402
 from xsight_keras.inference import Predictor  # noqa: E402
 from xsight_keras.viz.plots import latest_run, plot_prediction_grid, run_class_names  # noqa: E402
 
@@ -34,10 +33,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         run = Path(args.run) if args.run else latest_run(args.output_dir)
-        config = json.loads((run / "config.json").read_text())
-        folder = {"train": config["train_split"], "valid": config["val_split"],
-                  "test": config["test_split"]}.get(args.split, args.split)
-        dataset = PreparedDataset(Path(config["data_root"]) / folder)
+        config, folder, dataset = run_split(run, args.split)
         predictor = Predictor.from_run(run, tta="all" if args.tta else None)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

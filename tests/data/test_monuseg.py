@@ -8,7 +8,6 @@ from xsight_keras.data import (
     PreparedDataset,
     find_monuseg_pairs,
     prepare_monuseg,
-    rasterize_polygons,
     read_aperio_polygons,
     read_monuseg_sample,
 )

@@ -10,7 +10,7 @@ import pytest
 
 from xsight_keras.config import load_config
 from xsight_keras.data import PreparedDataset, PreprocessConfig, write_demo_dataset
-from xsight_keras.evaluation import confusion_matrix, evaluate_run, scores_from_confusion
+from xsight_keras.evaluation import confusion_matrix, scores_from_confusion
 from xsight_keras.inference import Predictor, apply_transform, invert_transform, parse_transforms
 from xsight_keras.training.run import train
 from xsight_keras.viz import plot_dataset_statistics, plot_run_comparison

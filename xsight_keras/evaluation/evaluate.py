@@ -14,6 +14,33 @@ from xsight_keras.evaluation.instance_metrics import dataset_scores, image_score
 from xsight_keras.inference.predictor import Predictor
 
 
+def predict_sample(predictor: Predictor, sample, num_classes: int):
+    """Predict one prepared sample whole and align its ground truth with the model's classes.
+
+    Returns ``(probabilities (H, W, K), instance maps or None, truth labels (H, W), k)`` where
+    k = K, or 2 for a binary model (then every nucleus class of the truth counts as 1).
+    """
+    probs, instance_maps = predictor.predict_outputs(sample.image)
+    binary = probs.shape[-1] == 1
+    truth = (sample.classes > 0).astype(np.uint8) if binary else sample.classes
+    k = 2 if binary else probs.shape[-1]
+    if not binary and k != num_classes:
+        raise ValueError(f"the model predicts {k} classes, the data has {num_classes}")
+    return probs, instance_maps, truth, k
+
+
+def run_split(run_dir, split: str, data_root=None):
+    """A run's configuration and the prepared split ``split`` (train/valid/test or a folder name)
+    of its dataset: returns ``(config dict, split folder name, PreparedDataset)``."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
+    config = json.loads((run_dir / "config.json").read_text())
+    folder = {"train": config["train_split"], "valid": config["val_split"],
+              "val": config["val_split"], "test": config["test_split"]}.get(split, split)
+    return config, folder, PreparedDataset(Path(data_root or config["data_root"]) / folder)
+
+
 def evaluate_split(predictor: Predictor, dataset: PreparedDataset, progress: bool = True,
                    limit: int | None = None, instances: bool = True, postprocess=None) -> dict:
     """Predict every image of ``dataset`` whole and score it.
@@ -33,12 +60,7 @@ def evaluate_split(predictor: Predictor, dataset: PreparedDataset, progress: boo
     per_image = []
     for i in tqdm(range(n), desc="evaluating", disable=not progress):
         sample = dataset[i]
-        probs, instance_maps = predictor.predict_outputs(sample.image)
-        binary = probs.shape[-1] == 1
-        truth = (sample.classes > 0).astype(np.uint8) if binary else sample.classes
-        k = 2 if binary else probs.shape[-1]
-        if not binary and k != dataset.num_classes:
-            raise ValueError(f"the model predicts {k} classes, {dataset.root} has {dataset.num_classes}")
+        probs, instance_maps, truth, k = predict_sample(predictor, sample, dataset.num_classes)
         labels = Predictor.to_labels(probs)
         cm = confusion_matrix(truth, labels, k)
         confusion = cm if confusion is None else confusion + cm
@@ -76,13 +98,7 @@ def evaluate_run(run_dir, split: str = "test", tta: bool = False, model_path=Non
     from xsight_keras.viz.plots import plot_confusion_matrix
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    config = json.loads((run_dir / "config.json").read_text())
-    folder = {"train": config["train_split"], "valid": config["val_split"],
-              "val": config["val_split"], "test": config["test_split"]}.get(split, split)
-    root = Path(data_root or config["data_root"]) / folder
-    dataset = PreparedDataset(root)
+    _, folder, dataset = run_split(run_dir, split, data_root)
     predictor = Predictor.from_run(run_dir, model_path)
     postprocess = load_postprocess(run_dir)
     runs = {"plain": evaluate_split(predictor, dataset, progress, limit, postprocess=postprocess)}

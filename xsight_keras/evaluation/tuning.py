@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xsight_keras.data.prepared import PreparedDataset
+from xsight_keras.evaluation.evaluate import predict_sample, run_split
 from xsight_keras.evaluation.instance_metrics import dataset_scores, image_scores
 from xsight_keras.files import atomic_write_text
 from xsight_keras.inference.predictor import Predictor
@@ -34,10 +35,8 @@ def tune_postprocessing(predictor: Predictor, dataset: PreparedDataset, limit: i
     cached = []
     for i in tqdm(range(n), desc="predicting", disable=not progress):
         s = dataset[i]
-        probs, inst_maps = predictor.predict_outputs(s.image)
-        binary = probs.shape[-1] == 1
-        truth = (s.classes > 0).astype(np.uint8) if binary else s.classes
-        cached.append((s.instances, truth, probs, inst_maps, 2 if binary else probs.shape[-1]))
+        probs, inst_maps, truth, k = predict_sample(predictor, s, dataset.num_classes)
+        cached.append((s.instances, truth, probs, inst_maps, k))
     k = cached[0][4]
     metric = metric or ("mpq" if k > 2 else "bpq")
     names = ["background"] + [f"class_{c}" for c in range(1, k)]
@@ -63,12 +62,7 @@ def tune_postprocessing(predictor: Predictor, dataset: PreparedDataset, limit: i
 def tune_run(run_dir, split: str = "valid", limit: int | None = None, progress: bool = True) -> dict:
     """Tune on a run's validation split and write ``postprocess.json`` (used by evaluate/predict)."""
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    config = json.loads((run_dir / "config.json").read_text())
-    folder = {"train": config["train_split"], "valid": config["val_split"],
-              "test": config["test_split"]}.get(split, split)
-    dataset = PreparedDataset(Path(config["data_root"]) / folder)
+    _, _, dataset = run_split(run_dir, split)
     result = tune_postprocessing(Predictor.from_run(run_dir), dataset, limit, progress=progress)
     atomic_write_text(run_dir / "postprocess.json", json.dumps(result["best"], indent=2))
     atomic_write_text(run_dir / "postprocess_search.json", json.dumps(result, indent=2, default=float))
