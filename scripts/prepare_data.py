@@ -2,7 +2,8 @@
 """Convert a downloaded dataset to the prepared, memory-mappable format.
 
     python scripts/prepare_data.py pannuke --src ~/data/pannuke --out data/pannuke [--folds 1 2 3]
-    python scripts/prepare_data.py monuseg --src "~/data/MoNuSeg 2018 Training Data" --out data/monuseg/train
+    python scripts/prepare_data.py monuseg --src "~/data/MoNuSeg 2018 Training Data" --out data/monuseg --val_fraction 0.2
+    python scripts/prepare_data.py monuseg --src ~/data/MoNuSegTestData --out data/monuseg/test
     python scripts/prepare_data.py folders --src ~/data/papsmear --out data/papsmear [--use_augmented]
     python scripts/prepare_data.py demo --out data/demo [--train 192 --valid 48 --test 48]
 
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_size", type=int, default=16)
     p = sub.add_parser("monuseg", help="MoNuSeg .tif images with Aperio XML annotations")
     p.add_argument("--src", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the split folder; with --val_fraction the dataset root")
+    p.add_argument("--val_fraction", type=float, default=0.0,
+                   help="hold out this fraction of the images as out/valid (the rest: out/train)")
+    p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("folders", help="{train,valid,test}/{images,masks} folders, binary masks")
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True)
@@ -60,7 +64,7 @@ def main(argv=None) -> int:
         if args.dataset == "pannuke":
             written = prepare_pannuke(args.src, args.out, args.folds, args.chunk_size, progress)
         elif args.dataset == "monuseg":
-            written = [prepare_monuseg(args.src, args.out, progress)]
+            written = prepare_monuseg(args.src, args.out, progress, args.val_fraction, args.seed)
         elif args.dataset == "folders":
             written = prepare_folders(args.src, args.out, args.use_augmented, args.channels, progress)
         else:

@@ -96,3 +96,15 @@ def test_real_monuseg_files(tmp_path):
     assert ds.arrays["images"].shape == (4, 1000, 1000, 3)
     assert [int(ds[i].instances.max()) for i in range(4)] == [expected[n] for n in ds.names]
     assert 0.1 < ds.pixel_counts[1] / ds.pixel_counts.sum() < 0.5  # nuclei cover a plausible share
+
+
+def test_validation_fraction_splits_images_by_seed(tmp_path):
+    for stem in ("a", "b", "c", "d", "e"):
+        write_pair(tmp_path / "src", stem, [region(1, [(1, 1), (9, 1), (9, 9)])])
+    written = prepare_monuseg(tmp_path / "src", tmp_path / "out", progress=False, val_fraction=0.4, seed=1)
+    assert [p.name for p in written] == ["train", "valid"]
+    train, valid = PreparedDataset(written[0]), PreparedDataset(written[1])
+    assert len(valid) == 2 and len(train) == 3
+    assert sorted(train.names + valid.names) == ["a", "b", "c", "d", "e"]
+    again = prepare_monuseg(tmp_path / "src", tmp_path / "again", progress=False, val_fraction=0.4, seed=1)
+    assert PreparedDataset(again[1]).names == valid.names

@@ -109,9 +109,30 @@ def read_monuseg_sample(image_path, xml_path) -> tuple[np.ndarray, np.ndarray]:
     return image, instances
 
 
-def prepare_monuseg(src, out_dir, progress: bool = True) -> Path:
-    """Prepare every image/XML pair under ``src`` into one split in ``out_dir`` (full size)."""
+def prepare_monuseg(src, out_dir, progress: bool = True, val_fraction: float = 0.0,
+                    seed: int = 0) -> list[Path]:
+    """Prepare every image/XML pair under ``src`` (full size).
+
+    Without ``val_fraction`` one split is written to ``out_dir``. With it (0 < f < 1), ``out_dir``
+    is the dataset root: a seeded random ``f`` of the images (at least one) goes to
+    ``out_dir/valid`` and the rest to ``out_dir/train`` (MoNuSeg has no official validation set).
+    Returns the split folders written.
+    """
     pairs = find_monuseg_pairs(src)
+    if not val_fraction:
+        return [_write_monuseg(pairs, Path(out_dir), src, progress)]
+    if not 0 < val_fraction < 1 or len(pairs) < 2:
+        raise ValueError(f"val_fraction must be in (0, 1) with at least 2 images, got {val_fraction} "
+                         f"for {len(pairs)} image(s) under {src}")
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_val = max(1, int(round(val_fraction * len(pairs))))
+    valid = [pairs[i] for i in sorted(order[:n_val])]
+    train = [pairs[i] for i in sorted(order[n_val:])]
+    return [_write_monuseg(train, Path(out_dir) / "train", src, progress),
+            _write_monuseg(valid, Path(out_dir) / "valid", src, progress)]
+
+
+def _write_monuseg(pairs, out_dir: Path, src, progress: bool) -> Path:
     # A first pass learns the sizes (and rejects unreadable files before anything is written).
     shapes = [read_image(p, 3).shape for p, _ in pairs]
     with PreparedWriter(out_dir, shapes, CLASS_NAMES, source=str(src),
@@ -120,4 +141,4 @@ def prepare_monuseg(src, out_dir, progress: bool = True) -> Path:
                                                         disable=not progress)):
             image, instances = read_monuseg_sample(image_path, xml_path)
             writer.write(i, image, (instances > 0).astype(np.uint8), instances, name=image_path.stem)
-    return Path(out_dir)
+    return out_dir

@@ -54,7 +54,8 @@ DOWNLOAD_HINTS = {
     "pannuke": "Download the three PanNuke folds from https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke, "
                "then run: python scripts/prepare_data.py pannuke --src <download folder> --out {root}",
     "monuseg": "Download MoNuSeg 2018 from https://monuseg.grand-challenge.org/Data/, then run: "
-               "python scripts/prepare_data.py monuseg --src '<MoNuSeg 2018 Training Data>' --out {root}/train",
+               "python scripts/prepare_data.py monuseg --src '<MoNuSeg 2018 Training Data>' --out {root} "
+               "--val_fraction 0.2 (and --src <MoNuSegTestData> --out {root}/test)",
     "folders": "Arrange images as <src>/{{train,valid,test}}/{{images,masks}}/ and run: "
                "python scripts/prepare_data.py folders --src <src> --out {root}",
 }
