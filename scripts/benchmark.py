@@ -3,10 +3,14 @@
 
     python scripts/benchmark.py loader [--tiles 192 --level 2 --size 256 --batch 8]
     python scripts/benchmark.py prepare-memory [--tiles 2656]
+    python scripts/benchmark.py model [--encoder resnet34 --batch 4 --size 256 --data_format channels_first]
 
 ``loader``: tiles/s of the training pipeline (memory-mapped read, crop, augmentation at
 ``--level``, CLAHE + z-score, one-hot targets) for 0, 1 and 2 worker processes, median of
 ``--repeats`` epochs after one warm-up epoch (worker start-up excluded).
+``model``: training images/s (one ``train_on_batch`` of the hybrid loss), inference tiles/s with
+and without 8-fold TTA, and the time to predict a 1000×1000 image with the sliding-window
+predictor, for the Attention U-Net; median of ``--repeats`` after warm-up.
 ``prepare-memory``: writes a fake PanNuke fold of ``--tiles`` tiles in the real float64 layout
 (2656 tiles ≈ 12.5 GB on disk), prepares it in a child process and prints that process' peak
 resident memory (VmHWM, Linux).
@@ -101,6 +105,53 @@ def bench_prepare_memory(args) -> dict:
             "prepare_s": round(seconds, 1), "fake_fold_write_s": round(made, 1)}
 
 
+def bench_model(args) -> dict:
+    import keras
+
+    import xsight_keras  # noqa: F401
+    from xsight_keras.data.preprocess import PreprocessConfig
+    from xsight_keras.inference import Predictor
+    from xsight_keras.models import attention_unet
+    from xsight_keras.training.losses import HybridLoss
+
+    keras.config.set_image_data_format(args.data_format)
+    if args.policy != "float32":
+        keras.config.set_dtype_policy(args.policy)
+    model = attention_unet(6, encoder=args.encoder)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=HybridLoss(data_format=args.data_format))
+    rng = np.random.default_rng(0)
+    shape = (args.batch, args.size, args.size)
+    x = rng.normal(size=shape + (3,)).astype("float32")
+    y = np.eye(6, dtype="float32")[rng.integers(0, 6, shape)]
+    if args.data_format == "channels_first":
+        x, y = x.transpose(0, 3, 1, 2).copy(), y.transpose(0, 3, 1, 2).copy()
+
+    def timed(fn, repeats):
+        fn()  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    train_s = timed(lambda: model.train_on_batch(x, y), args.repeats)
+    infer_s = timed(lambda: model.predict_on_batch(x), args.repeats)
+    image = rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)
+    tta = Predictor(model, PreprocessConfig(), tile_size=args.size, tta="all")
+    tta_s = timed(lambda: tta.predict_probabilities(image), args.repeats)
+    whole = rng.integers(0, 255, (1000, 1000, 3), dtype=np.uint8)
+    predictor = Predictor(model, PreprocessConfig(), tile_size=args.size, batch_size=args.batch)
+    whole_s = timed(lambda: predictor.predict_probabilities(whole), max(1, args.repeats // 2))
+    return {"benchmark": "model", "machine": machine(), "backend": keras.backend.backend(),
+            "encoder": args.encoder, "data_format": args.data_format, "policy": args.policy,
+            "batch": args.batch, "size": args.size,
+            "train_images_per_s": round(args.batch / train_s, 2),
+            "inference_tiles_per_s": round(args.batch / infer_s, 2),
+            "tta8_tiles_per_s": round(1 / tta_s, 2),
+            "predict_1000x1000_s": round(whole_s, 2)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -114,8 +165,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("prepare-memory")
     p.add_argument("--tiles", type=int, default=2656)
     p.add_argument("--tmp", default=None, help="folder for the fake fold (needs ~5 MB per tile)")
+    p = sub.add_parser("model")
+    p.add_argument("--encoder", default="resnet34")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--data_format", default="channels_first", choices=("channels_first", "channels_last"))
+    p.add_argument("--policy", default="float32", help="float32, mixed_float16 (CUDA) or mixed_bfloat16")
     args = parser.parse_args(argv)
-    result = bench_loader(args) if args.what == "loader" else bench_prepare_memory(args)
+    bench = {"loader": bench_loader, "prepare-memory": bench_prepare_memory, "model": bench_model}
+    result = bench[args.what](args)
     for key, value in result.items():
         print(f"{key:>18s}: {value}")
     print(json.dumps(result))
