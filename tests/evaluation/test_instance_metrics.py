@@ -5,9 +5,9 @@ from xsight_keras.evaluation.instance_metrics import (
     aggregated_jaccard_index,
     dataset_scores,
     image_scores,
-    instance_classes,
     panoptic_quality,
 )
+from xsight_keras.labels import instance_classes
 
 
 def squares(*boxes, shape=(64, 64)):

@@ -42,25 +42,35 @@ def final_weights(run_dir):
     return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]
 
 
+def start_and_kill(command, run_dir, condition, delay=0.0):
+    """Start a training, SIGKILL it once its saved state satisfies ``condition`` (then
+    ``delay`` seconds later); return the last saved state."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = run_dir / "state" / "state.json"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if condition(json.loads(state.read_text())):
+                break
+        except (OSError, ValueError):  # not written yet, or between the two renames
+            pass
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the training ended before it could be killed"
+    return json.loads(state.read_text())
+
+
 def test_killed_run_resumes_to_the_same_end(setup):
     root, config = setup
     base = [sys.executable, TRAIN, "--preset", "demo", "--config", str(config)]
     subprocess.run(base + ["--experiment_name", "whole"], check=True, capture_output=True)
     killed = root / "outputs" / "killed"
-    proc = subprocess.Popen(base + ["--experiment_name", "killed"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    state = killed / "state" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text())["epoch"] >= 1:
-            break
-        time.sleep(0.05)
-    time.sleep(0.4)  # into the next epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    saved = start_and_kill(base + ["--experiment_name", "killed"], killed,
+                           lambda s: s["epoch"] >= 1, delay=0.4)  # 0.4 s into the next epoch
     assert not (killed / "final.keras").exists()  # it really died before the end
-    done_before = json.loads(state.read_text())["epoch"] + 1
+    done_before = saved["epoch"] + 1
     assert 2 <= done_before < 4
     resumed = subprocess.run([sys.executable, TRAIN, "--resume", str(killed)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -102,17 +112,7 @@ def test_progressive_unet_killed_in_stage_2_resumes_to_the_same_end(setup, tmp_p
     base = [sys.executable, TRAIN, "--preset", "papsmear", "--config", str(config)]
     subprocess.run(base + ["--experiment_name", "whole"], check=True, capture_output=True)
     killed = tmp_path / "out" / "killed"
-    proc = subprocess.Popen(base + ["--experiment_name", "killed"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    state = killed / "state" / "state.json"
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["stage"] == 2:
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    saved = json.loads(state.read_text())
+    saved = start_and_kill(base + ["--experiment_name", "killed"], killed, lambda s: s["stage"] == 2)
     assert saved["stage"] == 2 and not (killed / "final.keras").exists()
     resumed = subprocess.run([sys.executable, TRAIN, "--resume", str(killed)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -24,9 +24,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from xsight_keras.data.monuseg import relabel_sequential
 from xsight_keras.data.pannuke import CLASS_NAMES
 from xsight_keras.data.prepared import PreparedWriter
+from xsight_keras.labels import relabel_sequential
 
 DEMO_TISSUES = ("Breast", "Colon", "Kidney", "Lung")
 # class id -> mean RGB of the nucleus
@@ -145,7 +145,7 @@ def demo_tile(seed: int, index: int, size: int = 256):
         instances[win][region] = iid
     image = cv2.GaussianBlur(image, (3, 3), 0.7) + rng.normal(0, 3, image.shape)
     image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
-    return image, classes, relabel_sequential(instances), tissue
+    return image, classes, relabel_sequential(instances)[0], tissue
 
 
 DEMO_SPLITS = {"train": 0, "valid": 1, "test": 2}

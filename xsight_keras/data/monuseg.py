@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from xsight_keras.data.images import read_image
 from xsight_keras.data.prepared import PreparedWriter
+from xsight_keras.labels import relabel_sequential
 
 CLASS_NAMES = ("background", "nucleus")
 _IMAGE_SUFFIXES = (".tif", ".tiff", ".png")
@@ -67,18 +68,6 @@ def rasterize_polygons(polygons, height: int, width: int) -> np.ndarray:
     return instances
 
 
-def relabel_sequential(instances: np.ndarray) -> np.ndarray:
-    """Renumber the ids of an int instance map to 1..n in increasing id order (0 stays 0).
-
-    Ids whose polygon was entirely covered by later ones disappear without leaving gaps.
-    """
-    ids = np.unique(instances)
-    ids = ids[ids > 0]
-    lut = np.zeros(int(instances.max()) + 1 if instances.size else 1, np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-    return lut[instances]
-
-
 def find_monuseg_pairs(src) -> list[tuple[Path, Path]]:
     """Pair every image under ``src`` with the XML annotation of the same stem.
 
@@ -105,7 +94,8 @@ def read_monuseg_sample(image_path, xml_path) -> tuple[np.ndarray, np.ndarray]:
     """Read one MoNuSeg image (uint8 RGB (H, W, 3)) and its int32 (H, W) instance map."""
     image = read_image(image_path, channels=3)
     polygons = read_aperio_polygons(xml_path)
-    instances = relabel_sequential(rasterize_polygons(polygons, *image.shape[:2]))
+    # ids of polygons entirely covered by later ones disappear without leaving gaps
+    instances, _ = relabel_sequential(rasterize_polygons(polygons, *image.shape[:2]))
     return image, instances
 
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xsight_keras.labels import instance_classes
+
 ARRAYS = ("images", "classes", "instances")
 DTYPES = {"images": np.uint8, "classes": np.uint8, "instances": np.int32}
 FORMAT_VERSION = 1
@@ -41,30 +43,19 @@ class Sample:
 
 
 def count_classes(classes: np.ndarray, instances: np.ndarray, num_classes: int):
-    """Pixel and instance counts per class of one or more label maps.
+    """Pixel and nucleus counts per class of one or more label maps.
 
-    ``classes`` uint8 and ``instances`` int (same shape, any leading axes, instance ids unique
-    per image along the first axis when 3-D). Returns two int64 arrays of length ``num_classes``:
-    pixels per class, and nuclei per class (an instance counts for the class of its pixels; for
-    index 0 the count of background pixels' "instances" is always 0).
+    ``classes`` uint8 and ``instances`` int of the same shape, (H, W) or (N, H, W) with ids unique
+    within each image. Returns two int64 arrays of length ``num_classes``: pixels per class, and
+    nuclei per class (each nucleus counted once, for the majority class of its pixels).
     """
     pixels = np.bincount(classes.ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
     nuclei = np.zeros(num_classes, np.int64)
-    inst = instances.reshape(len(instances), -1) if instances.ndim == 3 else instances.reshape(1, -1)
-    cls = classes.reshape(inst.shape)
-    for i in range(len(inst)):
-        fg = inst[i] > 0
-        if not fg.any():
-            continue
-        pairs = np.unique(np.stack([inst[i][fg], cls[i][fg]]), axis=1)
-        # an id whose pixels carry several classes counts once, for its most frequent class
-        ids, first = np.unique(pairs[0], return_index=True)
-        if len(ids) != pairs.shape[1]:
-            for iid in ids:
-                votes = np.bincount(cls[i][inst[i] == iid], minlength=num_classes)
-                nuclei[int(np.argmax(votes))] += 1
-            continue
-        nuclei += np.bincount(pairs[1], minlength=num_classes)[:num_classes]
+    for cls, inst in zip(classes.reshape(-1, *classes.shape[-2:]), instances.reshape(-1, *instances.shape[-2:])):
+        present = np.bincount(inst.ravel().astype(np.int64)) > 0
+        present[0] = False
+        kinds = instance_classes(inst, cls, num_classes)[present]
+        nuclei += np.bincount(kinds, minlength=num_classes)[:num_classes]
     return pixels, nuclei
 
 
@@ -116,11 +107,11 @@ class PreparedWriter:
         expected = tuple(int(v) for v in self.shapes[index])
         if image.shape != expected or classes.shape != expected[:2] or instances.shape != expected[:2]:
             raise ValueError(
-                f"sample {index} ({name}): image {image.shape}, classes {classes.shape}, "
+                f"{self.out_dir}: sample {index} ({name}): image {image.shape}, classes {classes.shape}, "
                 f"instances {instances.shape} do not match the declared shape {expected}"
             )
         if classes.size and int(classes.max()) >= len(self.class_names):
-            raise ValueError(f"sample {index} ({name}): class {int(classes.max())} out of range "
+            raise ValueError(f"{self.out_dir}: sample {index} ({name}): class {int(classes.max())} out of range "
                              f"for {len(self.class_names)} classes")
         values = {"images": image, "classes": classes, "instances": instances}
         for key, value in values.items():

@@ -21,26 +21,17 @@ import warnings
 
 import numpy as np
 
-
-def relabel(instances: np.ndarray) -> tuple[np.ndarray, int]:
-    """Renumber an int instance map to 0..n (0 = background); returns (map, n)."""
-    flat = np.asarray(instances).ravel().astype(np.int64)
-    if flat.size == 0 or flat.max() <= 0:
-        return np.zeros_like(flat).reshape(np.shape(instances)), 0
-    present = np.flatnonzero(np.bincount(flat))
-    present = present[present > 0]
-    lut = np.zeros(flat.max() + 1, np.int64)
-    lut[present] = np.arange(1, len(present) + 1)
-    return lut[flat].reshape(np.shape(instances)), len(present)
+from xsight_keras.labels import instance_classes, relabel_sequential
 
 
 def pairwise_overlaps(true: np.ndarray, pred: np.ndarray):
     """Intersections (nt, np) and areas of the true and predicted instances of two maps."""
     if true.shape != pred.shape:
         raise ValueError(f"instance maps differ in shape: {true.shape} vs {pred.shape}")
-    t, nt = relabel(true)
-    p, npred = relabel(pred)
-    joint = np.bincount(t.ravel() * (npred + 1) + p.ravel(), minlength=(nt + 1) * (npred + 1))
+    t, nt = relabel_sequential(true)
+    p, npred = relabel_sequential(pred)
+    joint = np.bincount(t.ravel().astype(np.int64) * (npred + 1) + p.ravel(),
+                        minlength=(nt + 1) * (npred + 1))
     joint = joint.reshape(nt + 1, npred + 1)
     return joint[1:, 1:], joint[1:, :].sum(1), joint[:, 1:].sum(0)
 
@@ -90,16 +81,6 @@ def aggregated_jaccard_index(true: np.ndarray, pred: np.ndarray) -> float:
     else:
         total_union = area_t.sum()
     return float(total_inter / total_union) if total_union else float("nan")
-
-
-def instance_classes(instances: np.ndarray, classes: np.ndarray, num_classes: int) -> np.ndarray:
-    """The class of each instance id 1..max by majority vote of its pixels (index 0 unused)."""
-    ids = instances.ravel().astype(np.int64)
-    top = int(ids.max()) if ids.size else 0
-    votes = np.bincount(ids * num_classes + classes.ravel().astype(np.int64),
-                        minlength=(top + 1) * num_classes).reshape(top + 1, num_classes)
-    votes[:, 0] = 0  # background pixels inside an instance do not vote
-    return np.argmax(votes, axis=1)
 
 
 def class_instances(instances: np.ndarray, classes: np.ndarray, cls: int, num_classes: int) -> np.ndarray:

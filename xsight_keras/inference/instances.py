@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-from xsight_keras.evaluation.instance_metrics import instance_classes, relabel
+from xsight_keras.labels import instance_classes, relabel_sequential
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,7 @@ def separate_instances(probabilities: np.ndarray, instance_maps: np.ndarray | No
     if config.min_size > 1 and instances.max():
         sizes = np.bincount(instances.ravel())
         instances[sizes[instances] < config.min_size] = 0
-    instances, _ = relabel(instances)
-    instances = instances.astype(np.int32)
+    instances, _ = relabel_sequential(instances)
     num_classes = max(int(labels.max()) + 1, 2)
     return instances, instance_classes(instances, labels, num_classes)
 

@@ -19,10 +19,7 @@ def load_model_file(path) -> keras.Model:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"model file not found: {path}")
-    import xsight_keras.models  # noqa: F401  (registers the custom objects)
-    import xsight_keras.training  # noqa: F401
-
-    try:
+    try:  # the package's custom objects are registered by importing xsight_keras
         return keras.models.load_model(path, safe_mode=True)
     except Exception as exc:  # zip, JSON and deserialisation errors alike
         raise ValueError(f"{path} is not a loadable .keras model: {type(exc).__name__}: {exc}") from exc
@@ -193,4 +190,5 @@ class Predictor:
         return np.argmax(probabilities, axis=-1).astype(np.uint8)
 
     def predict_labels(self, image: np.ndarray) -> np.ndarray:
+        """uint8 image (H, W, C) → uint8 class labels (H, W); see :meth:`to_labels`."""
         return self.to_labels(self.predict_probabilities(image))

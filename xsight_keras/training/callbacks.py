@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from xsight_keras.models.layers import channel_axis
+from xsight_keras.inference.predictor import Predictor, model_data_format
 from xsight_keras.viz.plots import colourise
 
 
@@ -203,10 +203,6 @@ class ScheduleLogger(keras.callbacks.Callback):
     def __init__(self, train_dataset=None):
         super().__init__()
         self.train_dataset = train_dataset
-        self._epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._epoch = epoch
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
@@ -238,9 +234,9 @@ class TensorBoardLogger(keras.callbacks.Callback):
             probs = self.model.predict(self.images, verbose=0)
             if isinstance(probs, dict):
                 probs = probs["fused"] if "fused" in probs else probs["semantic"]
-            axis = channel_axis()
-            pred = (probs[..., 0] >= 0.5 if probs.shape[axis] == 1 and axis == -1 else
-                    probs[:, 0] >= 0.5 if probs.shape[axis] == 1 else np.argmax(probs, axis=axis))
+            if model_data_format(self.model) == "channels_first":
+                probs = np.moveaxis(probs, 1, -1)
+            pred = [Predictor.to_labels(p) for p in probs]
             for i, (truth, p) in enumerate(zip(self.labels, pred)):
                 panel = np.concatenate([colourise(truth), colourise(p)], axis=1)
                 self.writer.add_image(f"prediction/{i}", panel, epoch, dataformats="HWC")

@@ -47,14 +47,13 @@ class TrainingState(keras.callbacks.Callback):
     """
 
     def __init__(self, run_dir, stage=None, ema=None, swa=None, checkpoint=None, early_stopping=None,
-                 history=None, stage_history=None, csv_path=None):
+                 history=None, stage_history=None):
         super().__init__()
         self.run_dir = Path(run_dir)
         self.stage, self.ema, self.swa = stage, ema, swa
         self.checkpoint, self.early_stopping = checkpoint, early_stopping
         self.history = {k: list(v) for k, v in (history or {}).items()}
         self.stage_history = {k: list(v) for k, v in (stage_history or {}).items()}
-        self.csv_path = csv_path
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():

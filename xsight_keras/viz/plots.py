@@ -47,6 +47,17 @@ def _legend(ax, class_names):
               bbox_to_anchor=(0.5, 1.0))
 
 
+def _save_with_legend(fig, class_names, path, top: float) -> Path:
+    """Lay out ``fig`` below ``top`` (a figure fraction), put the class legend above, save, close."""
+    fig.tight_layout(rect=(0, 0, 1, top))
+    legend_ax = fig.add_axes((0, top + 0.005, 1, 0.995 - top))
+    legend_ax.axis("off")
+    _legend(legend_ax, class_names)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_prediction_grid(samples, class_names, path, title: str = "") -> Path:
     """One row per sample: image | ground truth | prediction | overlay of the prediction.
 
@@ -62,17 +73,12 @@ def plot_prediction_grid(samples, class_names, path, title: str = "") -> Path:
             ax.set_title(name, fontsize=9)
             ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.96))
-    legend_ax = fig.add_axes((0, 0.965, 1, 0.035))
-    legend_ax.axis("off")
-    _legend(legend_ax, class_names)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return Path(path)
+    return _save_with_legend(fig, class_names, path, top=0.96)
 
 
 def plot_confusion_matrix(confusion: np.ndarray, class_names, path) -> Path:
-    """Row-normalised confusion matrix (true class per row) with counts, as a PNG."""
+    """Row-normalised confusion matrix (true class per row, each cell the fraction of that
+    class' pixels), as a PNG."""
     confusion = np.asarray(confusion, np.float64)
     norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     k = len(class_names)
@@ -138,13 +144,7 @@ def plot_dataset_statistics(dataset, path, samples_path=None, n_samples: int = 8
             ax.set_title(f"{s.name}" + (f" ({tissues[i]})" if tissues is not None else ""), fontsize=8)
         for ax in axes.ravel():
             ax.axis("off")
-        fig.tight_layout(rect=(0, 0, 1, 0.95))
-        legend_ax = fig.add_axes((0, 0.955, 1, 0.045))
-        legend_ax.axis("off")
-        _legend(legend_ax, names)
-        fig.savefig(samples_path, dpi=80)
-        plt.close(fig)
-        written.append(Path(samples_path))
+        written.append(_save_with_legend(fig, names, samples_path, top=0.95))
     return written
 
 
