@@ -10,6 +10,7 @@ from xsight_keras.models.encoders import (
     resnet_encoder,
     resnet_features,
 )
+from xsight_keras.models.fused_layers import FusedBatchNormalization, FusedUpSampling2D
 from xsight_keras.models.layers import SpatialSizeCheck, attention_gate, conv_bn_relu
 from xsight_keras.models.progressive_unet import (
     STAGE_RESOLUTIONS,
@@ -22,6 +23,8 @@ from xsight_keras.models.transfer import transfer_weights
 
 __all__ = [
     "RESNET_SPECS",
+    "FusedBatchNormalization",
+    "FusedUpSampling2D",
     "SIZE_MULTIPLE",
     "STAGE_RESOLUTIONS",
     "SpatialSizeCheck",

@@ -8,6 +8,7 @@ import keras
 from keras import layers
 
 from xsight_keras.models.encoders import encoder_channels, load_encoder_weights, resnet_features
+from xsight_keras.models.fused_layers import FusedUpSampling2D
 from xsight_keras.models.layers import (
     SpatialSizeCheck,
     attention_gate,
@@ -64,7 +65,7 @@ def attention_unet(
     skip_channels = encoder_channels(encoder)[-2::-1] + (None,)
     d = features[-1]
     for i, (filters, skip, channels) in enumerate(zip(decoder_filters, skips, skip_channels), 1):
-        d = layers.UpSampling2D(2, interpolation="nearest", name=f"dec{i}_up")(d)
+        d = FusedUpSampling2D(2, interpolation="nearest", name=f"dec{i}_up")(d)
         if skip is not None:
             gated = attention_gate(skip, d, max(channels // 2, 8), name=f"dec{i}_att")
             d = layers.Concatenate(axis=channel_axis(), name=f"dec{i}_concat")([d, gated])

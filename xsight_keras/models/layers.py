@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
+from xsight_keras.models.fused_layers import FusedBatchNormalization
+
 
 def channel_axis() -> int:
     """Axis of channels for the current image data format: -1 (NHWC) or 1 (NCHW)."""
@@ -29,12 +31,13 @@ def image_input(input_channels: int, input_size: tuple[int, int] | None = None, 
     return keras.Input(shape=(h, w, input_channels), name=name)
 
 
-def batch_norm(name: str) -> layers.BatchNormalization:
+def batch_norm(name: str) -> FusedBatchNormalization:
     """BatchNorm on the channel axis with PyTorch's defaults (momentum 0.1, eps 1e-5).
 
     The defaults match torchvision so that imported ImageNet statistics behave as they did there.
+    The layer runs PyTorch's fused kernel on the torch backend (:mod:`.fused_layers`).
     """
-    return layers.BatchNormalization(axis=channel_axis(), momentum=0.9, epsilon=1e-5, name=name)
+    return FusedBatchNormalization(axis=channel_axis(), momentum=0.9, epsilon=1e-5, name=name)
 
 
 def conv_bn_relu(x, filters: int, name: str, kernel_size: int = 3):

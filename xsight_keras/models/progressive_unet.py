@@ -22,6 +22,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from xsight_keras.models.fused_layers import FusedUpSampling2D
 from xsight_keras.models.layers import (
     SpatialSizeCheck,
     channel_axis,
@@ -89,7 +90,7 @@ def progressive_unet(
         x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
     outputs, fused_inputs = {}, []
     for level in range(1, stage + 1):
-        x = layers.UpSampling2D(2, interpolation="nearest", name=f"dec{level}_up")(x)
+        x = FusedUpSampling2D(2, interpolation="nearest", name=f"dec{level}_up")(x)
         x = layers.Concatenate(axis=axis, name=f"dec{level}_concat")([x, skips[level]])
         x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block1")
         x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block2")
@@ -97,7 +98,7 @@ def progressive_unet(
         scale = 2 ** (stage - level)
         outputs[f"scale_{scale}"] = output_activation(activation, name=f"scale_{scale}")(logits)
         if scale > 1:
-            logits = layers.UpSampling2D(
+            logits = FusedUpSampling2D(
                 scale, interpolation="bilinear", name=f"fuse_up{scale}"
             )(logits)
         fused_inputs.append(logits)
