@@ -1,19 +1,26 @@
 #!/usr/bin/env python
 """Print performance figures as a table and JSON.
 
+    python scripts/benchmark.py all             # everything below; < 10 min on a 2-core CPU
+    python scripts/benchmark.py model [--model attention_unet|progressive_unet --batch 4
+                                       --data_format channels_first --policy float32]
     python scripts/benchmark.py loader [--tiles 192 --level 2 --size 256 --batch 8]
     python scripts/benchmark.py prepare-memory [--tiles 2656]
-    python scripts/benchmark.py model [--encoder resnet34 --batch 4 --size 256 --data_format channels_first]
 
+``model``: training images/s (``train_on_batch`` with the hybrid loss, AdamW; PGU-Net at its
+256 px stage with its multi-scale loss) and, for the Attention U-Net, the same step of the
+plain-PyTorch twin in ``benchmarks/torch_twin.py`` and the ratio of the two; inference tiles/s
+with and without 8-fold TTA; the time to predict a 1000×1000 image with the sliding-window
+predictor and its ratio to the same 25 tiles fed to the model in plain batches. Each figure is
+the median of ``--repeats`` timings after warm-up, variants timed in turns.
 ``loader``: tiles/s of the training pipeline (memory-mapped read, crop, augmentation at
 ``--level``, CLAHE + z-score, one-hot targets) for 0, 1 and 2 worker processes, median of
 ``--repeats`` epochs after one warm-up epoch (worker start-up excluded).
-``model``: training images/s (one ``train_on_batch`` of the hybrid loss), inference tiles/s with
-and without 8-fold TTA, and the time to predict a 1000×1000 image with the sliding-window
-predictor, for the Attention U-Net; median of ``--repeats`` after warm-up.
 ``prepare-memory``: writes a fake PanNuke fold of ``--tiles`` tiles in the real float64 layout
 (2656 tiles ≈ 12.5 GB on disk), prepares it in a child process and prints that process' peak
 resident memory (VmHWM, Linux).
+``all``: each of the above in its own process, float32 and (on CUDA) mixed_float16, both data
+formats for the Attention U-Net; prints one table and the JSON.
 """
 
 from __future__ import annotations
@@ -29,14 +36,35 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
+    """CPU model and cores, GPU name when torch sees one, Python, torch and Keras versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip()
+                   for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    text = f"{cpu}, {len(os.sched_getaffinity(0))} CPU cores"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            text += f", {torch.cuda.get_device_name(0)}"
+        text += f", torch {torch.__version__}"
+        import keras
+
+        text += f", keras {keras.__version__}"
+    except ImportError:
+        pass
+    return f"{text}, Python {platform.python_version()}"
 
 
 def bench_loader(args) -> dict:
@@ -57,7 +85,7 @@ def bench_loader(args) -> dict:
                     rates.append(n / (time.perf_counter() - start))
             results[f"workers_{workers}"] = round(statistics.median(rates), 1)
             del loader
-    return {"benchmark": "loader", "machine": machine(), "size": args.size, "level": args.level,
+    return {"benchmark": "loader", "size": args.size, "level": args.level,
             "batch": args.batch, "tiles_per_s": results}
 
 
@@ -100,60 +128,191 @@ def bench_prepare_memory(args) -> dict:
         seconds = time.perf_counter() - t0
         peak_mb = int(out.stdout.strip().splitlines()[-1]) / 1024
         source_gb = sum(p.stat().st_size for p in src.rglob("*.npy")) / 1e9
-    return {"benchmark": "prepare-memory", "machine": machine(), "tiles": args.tiles,
+    return {"benchmark": "prepare-memory", "tiles": args.tiles,
             "source_gb": round(source_gb, 2), "peak_rss_mb": round(peak_mb, 1),
             "prepare_s": round(seconds, 1), "fake_fold_write_s": round(made, 1)}
 
 
-def bench_model(args) -> dict:
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each callable, timed in turns (a, b, a, b, …) after ``warmup`` calls of
+    each, so that a slow stretch of the machine hits every variant alike. Each callable must
+    finish its device work before it returns (read a result back)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _synthetic_batch(batch, size, classes, data_format, scales=(), seed=0):
+    """Float32 images and one-hot targets (a dict per PGU-Net scale when ``scales``)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, 3, size, size)).astype("float32")
+    y = np.eye(classes, dtype="float32")[rng.integers(0, classes, (batch, size, size))]
+    y = y.transpose(0, 3, 1, 2).copy()
+    if scales:
+        y = {"fused": y, **{f"scale_{s}": y[:, :, ::s, ::s].copy() for s in scales}}
+    if data_format == "channels_last":
+        to_last = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+        x = to_last(x)
+        y = {k: to_last(v) for k, v in y.items()} if scales else to_last(y)
+    return x, y
+
+
+def _keras_model(name, data_format, policy, jit_compile):
     import keras
+
+    from xsight_keras.models import attention_unet, progressive_unet
+    from xsight_keras.training.losses import HybridLoss, multiscale_losses
+
+    keras.config.set_image_data_format(data_format)
+    keras.config.set_dtype_policy(policy)
+    loss = HybridLoss(data_format=data_format)
+    if name == "attention_unet":
+        model, loss_weights, scales = attention_unet(6, "resnet34"), None, ()
+    else:  # PGU-Net's last stage (256 px), trained with its multi-scale loss as in train.py
+        model = progressive_unet(4, 3, 6)
+        loss, loss_weights = multiscale_losses(loss, model.output_names)
+        scales = tuple(int(n.split("_")[1]) for n in model.output_names if n.startswith("scale_"))
+    optimizer = keras.optimizers.AdamW(1e-3)
+    if policy == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, jit_compile=jit_compile)
+    return model, scales
+
+
+def _twin_step(data_format, policy, x, y):
+    """The plain-PyTorch twin's training step on the same batch (``benchmarks/torch_twin.py``)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from torch_twin import TorchAttentionUNet, make_train_step
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    memory_format = torch.channels_last if data_format == "channels_last" else torch.contiguous_format
+    model = TorchAttentionUNet().to(device, memory_format=memory_format)
+    amp = {"mixed_float16": torch.float16, "mixed_bfloat16": torch.bfloat16}.get(policy)
+    step = make_train_step(model, amp_dtype=amp, device=device)
+    if data_format == "channels_last":  # the twin always takes NCHW shapes; NHWC memory here
+        x, y = x.transpose(0, 3, 1, 2), y.transpose(0, 3, 1, 2)
+    xt = torch.from_numpy(np.ascontiguousarray(x)).to(device, memory_format=memory_format)
+    yt = torch.from_numpy(np.ascontiguousarray(y)).to(device, memory_format=memory_format)
+    return lambda: step(xt, yt).item()
+
+
+def bench_model(args) -> dict:
+    """Training and inference figures for one model, data format and precision policy."""
 
     import xsight_keras  # noqa: F401
     from xsight_keras.data.preprocess import PreprocessConfig
     from xsight_keras.inference import Predictor
-    from xsight_keras.models import attention_unet
-    from xsight_keras.training.losses import HybridLoss
+    from xsight_keras.inference.predictor import _positions
 
-    keras.config.set_image_data_format(args.data_format)
-    if args.policy != "float32":
-        keras.config.set_dtype_policy(args.policy)
-    model = attention_unet(6, encoder=args.encoder)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-3), loss=HybridLoss(data_format=args.data_format))
-    rng = np.random.default_rng(0)
-    shape = (args.batch, args.size, args.size)
-    x = rng.normal(size=shape + (3,)).astype("float32")
-    y = np.eye(6, dtype="float32")[rng.integers(0, 6, shape)]
-    if args.data_format == "channels_first":
-        x, y = x.transpose(0, 3, 1, 2).copy(), y.transpose(0, 3, 1, 2).copy()
+    model, scales = _keras_model(args.model, args.data_format, args.policy, args.jit_compile)
+    x, y = _synthetic_batch(args.batch, args.size, 6, args.data_format, scales)
+    keras_step = lambda: model.train_on_batch(x, y)
+    steps = {"keras": keras_step}
+    if args.model == "attention_unet" and not args.no_twin:
+        steps["twin"] = _twin_step(args.data_format, args.policy, x, y)
+    train = interleaved_medians(steps, args.repeats)
+    result = {"benchmark": "model", "model": args.model, "data_format": args.data_format,
+              "policy": args.policy, "jit_compile": args.jit_compile, "batch": args.batch,
+              "size": args.size, "train_images_per_s": round(args.batch / train["keras"], 2)}
+    if "twin" in train:
+        result["twin_train_images_per_s"] = round(args.batch / train["twin"], 2)
+        result["train_step_ratio_vs_twin"] = round(train["keras"] / train["twin"], 3)
 
-    def timed(fn, repeats):
-        fn()  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    train_s = timed(lambda: model.train_on_batch(x, y), args.repeats)
-    infer_s = timed(lambda: model.predict_on_batch(x), args.repeats)
-    image = rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)
-    tta = Predictor(model, PreprocessConfig(), tile_size=args.size, tta="all")
-    tta_s = timed(lambda: tta.predict_probabilities(image), args.repeats)
+    rng = np.random.default_rng(1)
     whole = rng.integers(0, 255, (1000, 1000, 3), dtype=np.uint8)
     predictor = Predictor(model, PreprocessConfig(), tile_size=args.size, batch_size=args.batch)
-    whole_s = timed(lambda: predictor.predict_probabilities(whole), max(1, args.repeats // 2))
-    return {"benchmark": "model", "machine": machine(), "backend": keras.backend.backend(),
-            "encoder": args.encoder, "data_format": args.data_format, "policy": args.policy,
-            "batch": args.batch, "size": args.size,
-            "train_images_per_s": round(args.batch / train_s, 2),
-            "inference_tiles_per_s": round(args.batch / infer_s, 2),
-            "tta8_tiles_per_s": round(1 / tta_s, 2),
-            "predict_1000x1000_s": round(whole_s, 2)}
+    tta = Predictor(model, PreprocessConfig(), tile_size=args.size, tta="all")
+    tile = whole[:args.size, :args.size]
+    # the reference for the sliding window: the same tiles of the same preprocessed image, fed
+    # to the model in the same batches, without cutting, blending or TTA
+    from xsight_keras.data.preprocess import preprocess_image
+
+    image = preprocess_image(whole, PreprocessConfig())
+    starts = _positions(1000, args.size, args.size - predictor.overlap)
+    tiles = np.stack([image[r:r + args.size, c:c + args.size] for r in starts for c in starts])
+    if args.data_format == "channels_first":
+        tiles = np.ascontiguousarray(tiles.transpose(0, 3, 1, 2))
+    plain = [tiles[i:i + args.batch] for i in range(0, len(tiles), args.batch)]
+    infer = interleaved_medians({
+        "batch": lambda: model.predict_on_batch(x),
+        "tta": lambda: tta.predict_probabilities(tile),
+        "whole": lambda: predictor.predict_probabilities(whole),
+        "plain": lambda: [model.predict_on_batch(b) for b in plain],
+    }, max(1, args.repeats // 2 + 1), warmup=1)
+    result.update({
+        "inference_tiles_per_s": round(args.batch / infer["batch"], 2),
+        "tta8_tiles_per_s": round(1 / infer["tta"], 2),
+        "predict_1000x1000_s": round(infer["whole"], 3),
+        "plain_batches_same_tiles_s": round(infer["plain"], 3),
+        "sliding_window_ratio": round(infer["whole"] / infer["plain"], 3),
+    })
+    return result
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def bench_all(args) -> dict:
+    """Every figure of the README's performance table, each benchmark in a fresh process (so
+    one's Keras globals and memory do not touch the next)."""
+    def run(*argv):
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--quiet"],
+                             check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    policies = ["float32"] + (["mixed_float16"] if _cuda() else [])
+    rows = []
+    for policy in policies:
+        for fmt in args.data_formats:
+            rows.append(run("model", "--model", "attention_unet", "--data_format", fmt,
+                            "--policy", policy, "--repeats", str(args.repeats),
+                            "--batch", str(args.batch)))
+        rows.append(run("model", "--model", "progressive_unet", "--data_format", "channels_first",
+                        "--policy", policy, "--repeats", str(args.repeats), "--batch", str(args.batch)))
+    loader = run("loader", "--repeats", str(args.repeats), "--batch", str(args.batch))
+    memory = run("prepare-memory", "--tiles", str(args.tiles)) if args.tiles else None
+    default = next(r for r in rows if r["data_format"] == "channels_first" and r["model"] == "attention_unet")
+    consumption = default["train_images_per_s"]
+    return {"benchmark": "all", "machine": machine(), "models": rows, "loader": loader,
+            "prepare_memory": memory,
+            "loader_2_workers_over_training": round(loader["tiles_per_s"]["workers_2"] / consumption, 1)}
+
+
+def print_table(result: dict) -> None:
+    """Human-readable lines for any benchmark's result (``all`` gets one row per model)."""
+    if result["benchmark"] != "all":
+        for key, value in result.items():
+            print(f"{key:>26s}: {value}")
+        return
+    print(f"machine: {result['machine']}")
+    cols = ("model", "data_format", "policy", "train_images_per_s", "train_step_ratio_vs_twin",
+            "inference_tiles_per_s", "tta8_tiles_per_s", "predict_1000x1000_s", "sliding_window_ratio")
+    print(" | ".join(cols))
+    for row in result["models"]:
+        print(" | ".join(str(row.get(c, "-")) for c in cols))
+    print(f"loader tiles/s: {result['loader']['tiles_per_s']}; with 2 workers "
+          f"{result['loader_2_workers_over_training']}× what the default model trains on")
+    if result["prepare_memory"]:
+        m = result["prepare_memory"]
+        print(f"preparing a {m['tiles']}-tile fold ({m['source_gb']} GB): peak {m['peak_rss_mb']} MB, "
+              f"{m['prepare_s']} s")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the result to this file")
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("loader")
     p.add_argument("--tiles", type=int, default=192)
@@ -166,17 +325,31 @@ def main(argv=None) -> int:
     p.add_argument("--tiles", type=int, default=2656)
     p.add_argument("--tmp", default=None, help="folder for the fake fold (needs ~5 MB per tile)")
     p = sub.add_parser("model")
-    p.add_argument("--encoder", default="resnet34")
+    p.add_argument("--model", default="attention_unet", choices=("attention_unet", "progressive_unet"))
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--size", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--data_format", default="channels_first", choices=("channels_first", "channels_last"))
     p.add_argument("--policy", default="float32", help="float32, mixed_float16 (CUDA) or mixed_bfloat16")
+    p.add_argument("--jit_compile", action="store_true", help="torch.compile the train and predict steps")
+    p.add_argument("--no_twin", action="store_true", help="skip the plain-PyTorch comparison")
+    p = sub.add_parser("all")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tiles", type=int, default=2656, help="fold size for prepare-memory (0: skip)")
+    p.add_argument("--data_formats", nargs="+", default=["channels_first", "channels_last"])
+    for p in sub.choices.values():
+        p.add_argument("--quiet", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
-    bench = {"loader": bench_loader, "prepare-memory": bench_prepare_memory, "model": bench_model}
+    bench = {"loader": bench_loader, "prepare-memory": bench_prepare_memory, "model": bench_model,
+             "all": bench_all}
     result = bench[args.what](args)
-    for key, value in result.items():
-        print(f"{key:>18s}: {value}")
+    if args.what != "all":
+        result["machine"] = machine()
+    if not args.quiet:
+        print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return 0
 
