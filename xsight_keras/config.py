@@ -59,7 +59,8 @@ class RunConfig:
     instance_loss_weight: float = 1.0
     # optimisation
     epochs: int = 50
-    batch_size: int = 8
+    batch_size: int = 8  # per process under torchrun: the global batch is batch_size × processes
+    lr_scaling: str = "none"  # none | linear | sqrt: how lr grows with the number of processes
     optimizer: str = "adamw"  # adamw | adam
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -202,6 +203,7 @@ def validate_config(config: RunConfig) -> None:
         "model": ("attention_unet", "progressive_unet"),
         "optimizer": ("adamw", "adam"),
         "lr_schedule": ("onecycle", "warmup_cosine", "constant"),
+        "lr_scaling": ("none", "linear", "sqrt"),
         "loss": ("hybrid", "dice", "fw_dice", "focal", "ce", "bce_dice"),
         "data_format": ("channels_last", "channels_first"),
         "device": ("auto", "cpu", "cuda"),

@@ -196,26 +196,41 @@ class EpochBatchSampler(Sampler):
 
     Shuffling is seeded by ``(seed, epoch)``. ``set_epoch`` (e.g. when resuming) sets the epoch of
     the next pass. With ``drop_last`` the last incomplete batch is dropped (training).
+
+    Data parallel (``world_size`` > 1, this process ``rank``): every rank draws the same epoch
+    order. With ``drop_last`` (training) step ``s`` takes the ``batch_size × world_size``
+    samples at ``s·batch_size·world_size`` of that order and rank ``r`` the ``r``-th slice of
+    ``batch_size``: every rank runs the same number of steps and, within an epoch, no sample is
+    seen twice; the global batch is ``batch_size × world_size``. Without ``drop_last``
+    (validation) rank ``r`` takes every ``world_size``-th sample from ``r``, so the shards cover
+    the split exactly once (their lengths may differ by one).
     """
 
     def __init__(self, num_samples: int, batch_size: int, shuffle=True, drop_last=True, seed=0,
-                 start_epoch: int = 0):
+                 start_epoch: int = 0, rank: int = 0, world_size: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-        if drop_last and batch_size > num_samples:
-            raise ValueError(f"batch size {batch_size} is larger than the dataset ({num_samples} "
-                             f"samples): no complete batch")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+        if drop_last and batch_size * world_size > num_samples:
+            raise ValueError(f"batch size {batch_size}"
+                             + (f" × {world_size} processes" if world_size > 1 else "")
+                             + f" is larger than the dataset ({num_samples} samples): no complete batch")
         self.num_samples, self.batch_size = num_samples, batch_size
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = start_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _shard_length(self) -> int:
+        return len(range(self.rank, self.num_samples, self.world_size))
+
     def __len__(self) -> int:
         if self.drop_last:
-            return self.num_samples // self.batch_size
-        return -(-self.num_samples // self.batch_size)
+            return self.num_samples // (self.batch_size * self.world_size)
+        return -(-self._shard_length() // self.batch_size)
 
     def __iter__(self):
         epoch = self.epoch
@@ -223,8 +238,15 @@ class EpochBatchSampler(Sampler):
         order = np.arange(self.num_samples)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        for b in range(len(self)):
-            yield [(epoch, int(i)) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+        if self.drop_last:
+            step = self.batch_size * self.world_size
+            starts = (b * step + self.rank * self.batch_size for b in range(len(self)))
+            batches = (order[s:s + self.batch_size] for s in starts)
+        else:
+            shard = order[self.rank::self.world_size]
+            batches = (shard[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self)))
+        for batch in batches:
+            yield [(epoch, int(i)) for i in batch]
 
 
 class BatchCollator:
@@ -257,20 +279,23 @@ def _worker_init(_):
 
 def make_loader(dataset: SegmentationDataset, batch_size: int, *, shuffle: bool | None = None,
                 num_workers: int = 0, mixup_alpha: float = 0.0, drop_last: bool | None = None,
-                start_epoch: int = 0) -> DataLoader:
+                start_epoch: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A ``DataLoader`` that feeds ``model.fit`` / ``model.evaluate`` directly.
 
     Yields ``(images, targets)`` torch tensors: images float32 (B, H, W, C) (channels first if
     the dataset says so), targets as the dataset builds them (a dict for PGU-Net scales).
     Training datasets shuffle and drop the last incomplete batch by default; MixUp needs one-hot
     or binary targets. Workers are persistent: the epoch travels with every index.
+    ``rank`` / ``world_size``: this process' shard in data-parallel training (see
+    :class:`EpochBatchSampler`); ``batch_size`` is then the per-process batch.
     """
     train = dataset.train
     shuffle = train if shuffle is None else shuffle
     drop_last = train if drop_last is None else drop_last
     if mixup_alpha > 0 and dataset.target == "sparse":
         raise ValueError("MixUp needs one-hot or binary targets, not sparse ones")
-    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, drop_last, dataset.seed, start_epoch)
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, drop_last, dataset.seed, start_epoch,
+                                rank, world_size)
     return DataLoader(
         dataset,
         batch_sampler=sampler,

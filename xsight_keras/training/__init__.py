@@ -10,6 +10,12 @@ from xsight_keras.training.callbacks import (
     save_model_atomically,
     update_batch_norm,
 )
+from xsight_keras.training.distributed import (
+    DistributedContext,
+    init_distributed,
+    install_data_parallel,
+    shutdown_distributed,
+)
 from xsight_keras.training.losses import (
     BCEDiceLoss,
     BoundaryLoss,
@@ -22,11 +28,13 @@ from xsight_keras.training.losses import (
 )
 from xsight_keras.training.metrics import SegmentationScore, segmentation_metrics
 from xsight_keras.training.schedules import OneCycle, WarmupCosine
+from xsight_keras.training.state import SyncLoaderEpoch
 
 __all__ = [
-    "BCEDiceLoss", "BestCheckpoint", "BoundaryLoss", "ExponentialMovingAverage", "FocalLoss",
-    "HybridLoss", "InstanceLoss", "OneCycle", "ScheduleLogger", "SegmentationScore", "SoftDiceLoss",
-    "StochasticWeightAveraging", "TensorBoardLogger", "WarmupCosine", "class_weights_from_counts",
-    "multiscale_losses", "plot_history", "save_model_atomically", "segmentation_metrics",
-    "update_batch_norm",
+    "BCEDiceLoss", "BestCheckpoint", "BoundaryLoss", "DistributedContext",
+    "ExponentialMovingAverage", "FocalLoss", "HybridLoss", "InstanceLoss", "OneCycle",
+    "ScheduleLogger", "SegmentationScore", "SoftDiceLoss", "StochasticWeightAveraging",
+    "SyncLoaderEpoch", "TensorBoardLogger", "WarmupCosine", "class_weights_from_counts",
+    "init_distributed", "install_data_parallel", "multiscale_losses", "plot_history",
+    "save_model_atomically", "segmentation_metrics", "shutdown_distributed", "update_batch_norm",
 ]

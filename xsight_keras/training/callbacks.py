@@ -318,11 +318,14 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Stop training at the first step whose loss is NaN or infinite, naming epoch and step.
 
     Raises :class:`NonFiniteLossError`; checkpoints already written stay as they are (and the
-    checkpoint writers refuse non-finite weights anyway).
+    checkpoint writers refuse non-finite weights anyway). With a data-parallel ``context`` the
+    check is global (one tiny all-reduce a step), so every rank stops at the same step instead of
+    the others waiting for a rank that has stopped.
     """
 
-    def __init__(self):
+    def __init__(self, context=None):
         super().__init__()
+        self.context = context
         self._epoch = 0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -330,9 +333,14 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
-        if loss is not None and not np.isfinite(float(loss)):
+        local = loss is not None and not np.isfinite(float(loss))
+        bad = local
+        if self.context is not None and self.context.is_distributed:
+            bad = self.context.any(local)
+        if bad:
+            what = f"became {float(loss)}" if local else "became non-finite on another process"
             raise NonFiniteLossError(
-                f"the training loss became {float(loss)} at epoch {self._epoch + 1}, step {batch + 1}; "
+                f"the training loss {what} at epoch {self._epoch + 1}, step {batch + 1}; "
                 f"training stopped and no checkpoint was written from it. Lower --lr, set "
                 f"--grad_clip_val, or check the data of that epoch")
 

@@ -18,6 +18,12 @@ from xsight_keras.data.demo import write_demo_dataset
 from xsight_keras.files import atomic_write_text
 from xsight_keras.models import attention_unet, grow, progressive_unet
 from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
+from xsight_keras.training.distributed import (
+    current_context,
+    init_distributed,
+    install_data_parallel,
+    scaled_learning_rate,
+)
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
     ExponentialMovingAverage,
@@ -44,6 +50,7 @@ from xsight_keras.training.metrics import segmentation_metrics
 from xsight_keras.training.schedules import OneCycle, WarmupCosine
 from xsight_keras.training.state import (
     EpochSeeder,
+    SyncLoaderEpoch,
     TrainingState,
     load_state,
     restore_state,
@@ -139,15 +146,17 @@ def build_loss(config: RunConfig, pixel_counts=None):
     return keras.losses.CategoricalCrossentropy(axis=-1 if df == "channels_last" else 1)
 
 
-def build_optimizer(config: RunConfig, steps_per_epoch: int, epochs: int):
-    """AdamW/Adam with the configured schedule and global-norm gradient clipping."""
+def build_optimizer(config: RunConfig, steps_per_epoch: int, epochs: int, world_size: int = 1):
+    """AdamW/Adam with the configured schedule and global-norm gradient clipping; the peak
+    learning rate is scaled for ``world_size`` processes by ``config.lr_scaling``."""
     total = max(steps_per_epoch * epochs, 1)
+    peak = scaled_learning_rate(config.lr, world_size, config.lr_scaling)
     if config.lr_schedule == "onecycle":
-        lr = OneCycle(config.lr, total)
+        lr = OneCycle(peak, total)
     elif config.lr_schedule == "warmup_cosine":
-        lr = WarmupCosine(config.lr, total, config.warmup_epochs * steps_per_epoch, config.min_lr_factor)
+        lr = WarmupCosine(peak, total, config.warmup_epochs * steps_per_epoch, config.min_lr_factor)
     else:
-        lr = config.lr
+        lr = peak
     kwargs = {"learning_rate": lr, "global_clipnorm": config.grad_clip_val or None}
     if config.optimizer == "adamw":
         opt = keras.optimizers.AdamW(weight_decay=config.weight_decay, **kwargs)
@@ -185,7 +194,7 @@ def _datasets(config, train_split, val_split, size=None, scales=None):
     return train, val
 
 
-def _check_batch_sizes(config: RunConfig, num_samples: int) -> None:
+def _check_batch_sizes(config: RunConfig, num_samples: int, world_size: int = 1) -> None:
     """Every batch size the run will use must fit the training split (checked before any write)."""
     if config.model == "progressive_unet":
         sizes = parse_batch_sizes(config.batch_sizes)
@@ -193,8 +202,9 @@ def _check_batch_sizes(config: RunConfig, num_samples: int) -> None:
     else:
         batches = [config.batch_size]
     for batch in batches:
-        if batch > num_samples:
-            raise ValueError(f"batch size {batch} is larger than the training split "
+        if batch * world_size > num_samples:
+            processes = f" × {world_size} processes" if world_size > 1 else ""
+            raise ValueError(f"batch size {batch}{processes} is larger than the training split "
                              f"({num_samples} samples in {config.data_root}/{config.train_split})")
 
 
@@ -210,10 +220,15 @@ def _class_names(config, train_split):
 
 def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, ema, swa, tag="",
          stage=None, state=None, history_before=None):
-    """Compile and fit one model (one PGU-Net stage); resume from ``state`` when given."""
-    steps = config.steps_per_epoch or len(train) // batch_size
+    """Compile and fit one model (one PGU-Net stage); resume from ``state`` when given.
+
+    Under ``torchrun`` every rank runs this with its shard of the data; only rank 0 writes.
+    """
+    ctx = current_context()
+    steps = config.steps_per_epoch or len(train) // (batch_size * ctx.world_size)
     if steps < 1:
-        raise ValueError(f"batch size {batch_size} is larger than the training split ({len(train)} samples)")
+        raise ValueError(f"batch size {batch_size} × {ctx.world_size} process(es) is larger than "
+                         f"the training split ({len(train)} samples)")
     loss = build_loss(config, train.dataset.pixel_counts)
     metrics = segmentation_metrics(class_names, config.data_format)
     scales = getattr(train, "scales", None)
@@ -229,15 +244,17 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     else:
         compile_kwargs = {"loss": loss, "metrics": metrics}
         monitor = "val_mean_fg_dice"
-    model.compile(optimizer=build_optimizer(config, steps, epochs), jit_compile=config.jit_compile,
-                  **compile_kwargs)
+    model.compile(optimizer=build_optimizer(config, steps, epochs, ctx.world_size),
+                  jit_compile=config.jit_compile, **compile_kwargs)
     initial_epoch = state["epoch"] + 1 if state else 0
+    shard = {"rank": ctx.rank, "world_size": ctx.world_size}
     train_loader = make_loader(train, batch_size, num_workers=config.num_workers,
-                               mixup_alpha=config.mixup_alpha, start_epoch=initial_epoch)
-    val_loader = make_loader(val, batch_size, num_workers=0)
+                               mixup_alpha=config.mixup_alpha, start_epoch=initial_epoch, **shard)
+    val_loader = make_loader(val, batch_size, num_workers=0, **shard)
     best_path = run_dir / (f"best{tag}.keras")
     csv_path = run_dir / f"history{tag}.csv"
-    callbacks = [EpochSeeder(config.seed), StopOnNonFiniteLoss(), ScheduleLogger(train)]
+    callbacks = [EpochSeeder(config.seed), SyncLoaderEpoch(train_loader), StopOnNonFiniteLoss(ctx),
+                 ScheduleLogger(train)]
     if ema is not None:
         callbacks.append(ema)
     if config.tta_val:
@@ -247,8 +264,10 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     if swa is not None:
         callbacks.append(swa)
     checkpoint = BestCheckpoint(best_path, monitor=monitor, mode="max", ema=ema)
-    callbacks += [checkpoint, keras.callbacks.CSVLogger(str(csv_path), append=state is not None)]
-    sample = [val.sample(0, i) for i in range(min(config.tensorboard_images, len(val)))]
+    if ctx.is_primary:  # the writers; the other ranks hold the same model and metrics
+        callbacks += [checkpoint, keras.callbacks.CSVLogger(str(csv_path), append=state is not None)]
+    sample = [val.sample(0, i) for i in range(min(config.tensorboard_images, len(val)))
+              if ctx.is_primary]
     if sample:
         images = np.stack([s[0] for s in sample])
         first = [s[1][train.semantic_key] if isinstance(s[1], dict) else s[1] for s in sample]
@@ -265,13 +284,17 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     stage_history = state["stage_history"] if state else {}
     if state:
         restore_state(state, model, ema, swa, checkpoint, early_stopping)
-        rewrite_history_csv(csv_path, stage_history)  # drop a row of an epoch never completed
+        if ctx.is_primary:
+            rewrite_history_csv(csv_path, stage_history)  # drop a row of an epoch never completed
+    install_data_parallel(model, ctx)  # after restoring: every rank starts from rank 0's state
     recorder = TrainingState(run_dir, stage, ema, swa, checkpoint, early_stopping,
-                             history=history_before or {}, stage_history=stage_history)
+                             history=history_before or {}, stage_history=stage_history,
+                             write=ctx.is_primary)
     callbacks.append(recorder)  # last: it saves what the callbacks before it have done
     model.fit(train_loader, validation_data=val_loader, epochs=epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=config.steps_per_epoch, callbacks=callbacks, verbose=2)
-    if csv_path.is_file() and csv_path.stat().st_size:
+              steps_per_epoch=config.steps_per_epoch, callbacks=callbacks,
+              verbose=2 if ctx.is_primary else 0)
+    if ctx.is_primary and csv_path.is_file() and csv_path.stat().st_size:
         plot_history(csv_path, run_dir / f"curves{tag}.png")
     return recorder.history, best_path, monitor, val_loader, train_loader
 
@@ -313,18 +336,32 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
     start = time.time()
     if config.device == "cuda" and not _cuda_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available here")
-    train_split, val_split = resolve_splits(config)
+    ctx = init_distributed()  # a single process unless started by torchrun
+    if ctx.is_primary:  # rank 0 creates the demo set (if asked for) while the others wait
+        splits = resolve_splits(config)
+    ctx.barrier()
+    train_split, val_split = splits if ctx.is_primary else resolve_splits(config)
     class_names = _class_names(config, train_split)
-    _check_batch_sizes(config, len(train_split))
+    _check_batch_sizes(config, len(train_split), ctx.world_size)
     state = load_state(config.run_dir) if resume else None
-    run_dir = config.run_dir if resume else _prepare_run_dir(config)
+    run_dir = config.run_dir
+    if not resume and ctx.is_primary:
+        _prepare_run_dir(config)
+    ctx.barrier()
+    if ctx.is_distributed and ctx.is_primary:
+        print(f"data parallel: {ctx.world_size} processes × batch {config.batch_size} = global batch "
+              f"{config.batch_size * ctx.world_size}; peak lr "
+              f"{scaled_learning_rate(config.lr, ctx.world_size, config.lr_scaling):g} "
+              f"(lr_scaling {config.lr_scaling})")
     keras.utils.set_random_seed(config.seed)
     keras.config.set_image_data_format(config.data_format)
     policy = select_precision(config)
     keras.config.set_dtype_policy(policy)
     config_dict = config.to_dict() | {"dtype_policy": policy, "class_names": class_names,
-                                      "keras_backend": keras.backend.backend()}
-    atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
+                                      "keras_backend": keras.backend.backend(),
+                                      "processes": ctx.world_size}
+    if ctx.is_primary:
+        atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
     ema = ExponentialMovingAverage(config.ema_decay) if config.use_ema else None
     swa = StochasticWeightAveraging(config.swa_start_epoch) if config.use_swa else None
     if config.model == "progressive_unet":
@@ -336,6 +373,8 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
         history, best_path, monitor, _, train_loader = _fit(
             model, config, train, val, config.batch_size, config.epochs, run_dir, class_names, ema,
             swa, state=state)
+    if not ctx.is_primary:  # rank 0 writes the final files and the summary
+        return RunResult(run_dir, history, seconds=time.time() - start)
     save_model_atomically(model, run_dir / "final.keras")
     result = RunResult(run_dir, history)
     if swa is not None and swa.average is not None:
@@ -383,5 +422,6 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
         if ema is not None:
             ema.shadow = None  # the next stage has new weights: restart the average
     final_best = run_dir / "best.keras"
-    shutil.copyfile(best_path, final_best)
+    if current_context().is_primary:
+        shutil.copyfile(best_path, final_best)
     return merged, final_best, monitor, model, train_loader

@@ -40,15 +40,34 @@ class EpochSeeder(keras.callbacks.Callback):
         keras.utils.set_random_seed(self.seed * 10_007 + epoch)
 
 
+class SyncLoaderEpoch(keras.callbacks.Callback):
+    """Tell a :func:`~xsight_keras.data.make_loader` loader which epoch Keras is starting.
+
+    The loader's sampler counts its passes, but ``fit`` takes one extra batch before the first
+    epoch (to build the model), which would shift every epoch-keyed schedule (size,
+    augmentation level, shuffling) by one. Setting the epoch at ``on_epoch_begin`` keeps them at
+    exactly Keras' epoch numbers, also after a resume.
+    """
+
+    def __init__(self, loader):
+        super().__init__()
+        self.loader = loader
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.loader.batch_sampler.set_epoch(epoch)
+
+
 class TrainingState(keras.callbacks.Callback):
     """Write the training state at every epoch end (put it last among the callbacks).
 
     ``history``: the history of the run before this ``fit`` (resumed epochs, earlier stages).
+    ``write=False`` keeps the history without writing (data-parallel ranks other than 0).
     """
 
     def __init__(self, run_dir, stage=None, ema=None, swa=None, checkpoint=None, early_stopping=None,
-                 history=None, stage_history=None):
+                 history=None, stage_history=None, write=True):
         super().__init__()
+        self.write = write
         self.run_dir = Path(run_dir)
         self.stage, self.ema, self.swa = stage, ema, swa
         self.checkpoint, self.early_stopping = checkpoint, early_stopping
@@ -60,8 +79,9 @@ class TrainingState(keras.callbacks.Callback):
             if np.isscalar(value):
                 self.history.setdefault(key, []).append(float(value))
                 self.stage_history.setdefault(key, []).append(float(value))
-        save_state(self.run_dir, self.model, epoch, self.stage, self.history, self.stage_history,
-                   self.ema, self.swa, self.checkpoint, self.early_stopping)
+        if self.write:
+            save_state(self.run_dir, self.model, epoch, self.stage, self.history, self.stage_history,
+                       self.ema, self.swa, self.checkpoint, self.early_stopping)
 
 
 def save_state(run_dir, model, epoch, stage, history, stage_history, ema=None, swa=None,
