@@ -147,8 +147,8 @@ def update_batch_norm(model: keras.Model, batches, max_batches: int | None = Non
         return 0
     momenta = [bn.momentum for bn in bns]
     for bn in bns:
-        bn.moving_mean.assign(ops.zeros_like(bn.moving_mean))
-        bn.moving_variance.assign(ops.ones_like(bn.moving_variance))
+        bn.moving_mean.assign(ops.zeros(bn.moving_mean.shape, bn.moving_mean.dtype))
+        bn.moving_variance.assign(ops.ones(bn.moving_variance.shape, bn.moving_variance.dtype))
     used = 0
     try:
         for batch in batches:

@@ -18,8 +18,9 @@ _last_counts: dict = {"key": None, "counts": None}
 def confusion_counts(y_true, y_pred, num_classes: int, data_format: str):
     """Per-class (tp, fp, fn) float32 vectors of length max(K, 2) for hard predictions.
 
-    One argmax per tensor and one ``bincount`` of ``true·K + pred``; cached for the identical
-    pair of tensors, so a dozen metrics cost one computation per step.
+    One argmax per tensor and one count of ``true·K + pred`` (``segment_sum`` with a static
+    number of segments: JAX cannot trace ``bincount``); cached for the identical pair of tensors,
+    so a dozen metrics cost one computation per step.
     """
     key = (y_true, y_pred, num_classes, data_format)
     cached = _last_counts["key"]
@@ -33,8 +34,9 @@ def confusion_counts(y_true, y_pred, num_classes: int, data_format: str):
     else:
         t = ops.cast(ops.argmax(y_true, axis=axis), "int32")
         p = ops.cast(ops.argmax(y_pred, axis=axis), "int32")
-    confusion = ops.bincount(ops.reshape(t * k + p, (-1,)), minlength=k * k)
-    confusion = ops.reshape(ops.cast(confusion[: k * k], "float32"), (k, k))  # rows: true class
+    pairs = ops.reshape(t * k + p, (-1,))
+    confusion = ops.segment_sum(ops.ones_like(pairs, "float32"), pairs, num_segments=k * k)
+    confusion = ops.reshape(confusion, (k, k))  # rows: true class
     tp = ops.diagonal(confusion)
     counts = (tp, ops.sum(confusion, axis=0) - tp, ops.sum(confusion, axis=1) - tp)
     _last_counts.update(key=key, counts=counts)
@@ -84,7 +86,7 @@ class SegmentationScore(keras.metrics.Metric):
 
     def reset_state(self):
         for v in (self.tp, self.fp, self.fn):
-            v.assign(ops.zeros_like(v))
+            v.assign(ops.zeros(v.shape, v.dtype))
 
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes,

@@ -194,14 +194,17 @@ def _datasets(config, train_split, val_split, size=None, scales=None):
     return train, val
 
 
-def _check_batch_sizes(config: RunConfig, num_samples: int, world_size: int = 1) -> None:
-    """Every batch size the run will use must fit the training split (checked before any write)."""
+def _batch_sizes(config: RunConfig) -> list[int]:
+    """Every (per-process) batch size the run uses: one, or one per PGU-Net stage."""
     if config.model == "progressive_unet":
         sizes = parse_batch_sizes(config.batch_sizes)
-        batches = [sizes.get(STAGE_RESOLUTIONS[s], config.batch_size) for s in config.stages]
-    else:
-        batches = [config.batch_size]
-    for batch in batches:
+        return [sizes.get(STAGE_RESOLUTIONS[s], config.batch_size) for s in config.stages]
+    return [config.batch_size]
+
+
+def _check_batch_sizes(config: RunConfig, num_samples: int, world_size: int = 1) -> None:
+    """Every batch size the run will use must fit the training split (checked before any write)."""
+    for batch in _batch_sizes(config):
         if batch * world_size > num_samples:
             processes = f" × {world_size} processes" if world_size > 1 else ""
             raise ValueError(f"batch size {batch}{processes} is larger than the training split "
