@@ -34,6 +34,22 @@ def model_data_format(model: keras.Model) -> str:
     return keras.config.image_data_format()
 
 
+def predict_batch(model: keras.Model, x: np.ndarray):
+    """``model.predict_on_batch(x)`` for any batch size, also under a Keras distribution.
+
+    Keras' ``DataParallel`` (JAX) splits a batch evenly over its devices and refuses a batch that
+    does not divide; this pads the batch with copies of its last image up to a multiple of the
+    device count and drops the padded outputs. Returns what the model returns (array or dict).
+    """
+    distribution = keras.distribution.distribution() if keras.backend.backend() == "jax" else None
+    devices = len(distribution.device_mesh.devices.flatten()) if distribution is not None else 1
+    n = len(x)
+    if n % devices:
+        x = np.concatenate([x, np.repeat(x[-1:], devices - n % devices, axis=0)])
+    y = model.predict_on_batch(x)
+    return keras.tree.map_structure(lambda v: v[:n], y) if len(x) != n else y
+
+
 def blending_window(size: int, ramp: int, sides=(True, True, True, True)) -> np.ndarray:
     """(size, size) float32 weights for one tile: 1 inside, rising as sin² over ``ramp`` pixels
     from each side in ``sides`` (top, bottom, left, right) that a neighbouring tile overlaps.
@@ -115,7 +131,7 @@ class Predictor:
             x = np.ascontiguousarray(apply_transform(tiles, k))
             if self.channels_first:
                 x = x.transpose(0, 3, 1, 2)
-            y = self.model.predict_on_batch(x)
+            y = predict_batch(self.model, x)
             if isinstance(y, dict):  # semantic map first, then the instance head's channels
                 main = y["fused"] if "fused" in y else y["semantic"]
                 parts = [main] + ([y["instance"]] if "instance" in y else [])

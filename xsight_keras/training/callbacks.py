@@ -11,7 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from xsight_keras.inference.predictor import Predictor, model_data_format
+from xsight_keras.inference.predictor import Predictor, model_data_format, predict_batch
 from xsight_keras.viz.plots import colourise
 
 
@@ -231,7 +231,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
             if np.isscalar(value) and np.isfinite(value):
                 self.writer.add_scalar(key if key.startswith("val_") else f"train/{key}", value, epoch)
         if self.images is not None and len(self.images):
-            probs = self.model.predict(self.images, verbose=0)
+            probs = predict_batch(self.model, self.images)
             if isinstance(probs, dict):
                 probs = probs["fused"] if "fused" in probs else probs["semantic"]
             if model_data_format(self.model) == "channels_first":

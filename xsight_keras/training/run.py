@@ -247,8 +247,10 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     else:
         compile_kwargs = {"loss": loss, "metrics": metrics}
         monitor = "val_mean_fg_dice"
+    # jit_compile False → Keras' "auto": XLA on JAX (eager JAX is slow and deadlocks under
+    # DataParallel), eager on torch, where torch.compile did not pay off (README, Performance)
     model.compile(optimizer=build_optimizer(config, steps, epochs, ctx.world_size),
-                  jit_compile=config.jit_compile, **compile_kwargs)
+                  jit_compile=True if config.jit_compile else "auto", **compile_kwargs)
     initial_epoch = state["epoch"] + 1 if state else 0
     shard = {"rank": ctx.rank, "world_size": ctx.world_size}
     train_loader = make_loader(train, batch_size, num_workers=config.num_workers,
@@ -328,11 +330,28 @@ def train(config: RunConfig, resume: bool = False) -> RunResult:
     last complete epoch (see :mod:`xsight_keras.training.state`).
     """
     data_format, policy = keras.config.image_data_format(), keras.config.dtype_policy()
+    distribution = keras.distribution.distribution()
     try:
         return _train(config, resume)
     finally:
         keras.config.set_image_data_format(data_format)
         keras.config.set_dtype_policy(policy)
+        keras.distribution.set_distribution(distribution)
+
+
+def _use_jax_devices(config: RunConfig) -> None:
+    """On JAX with several devices, train data-parallel with ``keras.distribution.DataParallel``:
+    Keras splits every batch over the devices (``batch_size`` is the global batch there)."""
+    if keras.backend.backend() != "jax":
+        return
+    devices = keras.distribution.list_devices()
+    if len(devices) < 2:
+        return
+    for batch in _batch_sizes(config):
+        if batch % len(devices):
+            raise ValueError(f"batch size {batch} does not split over the {len(devices)} JAX devices")
+    keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    print(f"data parallel on {len(devices)} JAX devices (keras.distribution.DataParallel)")
 
 
 def _train(config: RunConfig, resume: bool = False) -> RunResult:
@@ -356,6 +375,7 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
               f"{config.batch_size * ctx.world_size}; peak lr "
               f"{scaled_learning_rate(config.lr, ctx.world_size, config.lr_scaling):g} "
               f"(lr_scaling {config.lr_scaling})")
+    _use_jax_devices(config)  # before the first variable (the seed generator's) is made
     keras.utils.set_random_seed(config.seed)
     keras.config.set_image_data_format(config.data_format)
     policy = select_precision(config)
