@@ -95,6 +95,7 @@ def test_readme_user_code_example_runs(demo_root):
         HybridLoss,
         OneCycle,
         SegmentationDataset,
+        SyncLoaderEpoch,
         attention_unet,
         class_weights_from_counts,
         make_loader,
@@ -110,8 +111,10 @@ def test_readme_user_code_example_runs(demo_root):
         loss=HybridLoss(class_weights=weights),
         metrics=segmentation_metrics(train_ds.dataset.class_names),
     )
-    history = model.fit(make_loader(train_ds, 4, mixup_alpha=0.2), validation_data=make_loader(val_ds, 4),
-                        epochs=2, callbacks=[ExponentialMovingAverage(0.99)], verbose=0)
+    train_loader = make_loader(train_ds, 4, mixup_alpha=0.2)
+    history = model.fit(train_loader, validation_data=make_loader(val_ds, 4), epochs=2,
+                        callbacks=[ExponentialMovingAverage(0.99), SyncLoaderEpoch(train_loader)],
+                        verbose=0)
     assert np.isfinite(history.history["val_mean_fg_dice"]).all()
 
 
