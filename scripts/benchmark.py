@@ -207,6 +207,7 @@ def _twin_step(data_format, policy, x, y):
 
 def bench_model(args) -> dict:
     """Training and inference figures for one model, data format and precision policy."""
+    import keras
 
     import xsight_keras  # noqa: F401
     from xsight_keras.data.preprocess import PreprocessConfig
@@ -271,7 +272,9 @@ def bench_all(args) -> dict:
     one's Keras globals and memory do not touch the next)."""
     def run(*argv):
         out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--quiet"],
-                             check=True, capture_output=True, text=True)
+                             check=False, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(f"benchmark {' '.join(argv)} failed:\n{out.stderr[-3000:]}")
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     policies = ["float32"] + (["mixed_float16"] if _cuda() else [])
