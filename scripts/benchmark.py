@@ -233,7 +233,7 @@ def bench_model(args) -> dict:
     rng = np.random.default_rng(1)
     whole = rng.integers(0, 255, (1000, 1000, 3), dtype=np.uint8)
     predictor = Predictor(model, PreprocessConfig(), tile_size=args.size, batch_size=args.batch)
-    tta = Predictor(model, PreprocessConfig(), tile_size=args.size, tta="all")
+    tta = Predictor(model, PreprocessConfig(), tile_size=args.size, tta="all", batch_size=args.batch)
     tile = whole[:args.size, :args.size]
     # the reference for the sliding window: the same tiles of the same preprocessed image, fed
     # to the model in the same batches, without cutting, blending or TTA
