@@ -105,9 +105,10 @@ def test_torchrun_trains_and_resumes_with_rank0_writing(tmp_path):
     small.write_text("input_size: 64\nval_size: 64\ndecoder_filters: [32, 16, 16, 8, 8]\n")
     common = ["--data_root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "runs")]
     first = _torchrun("--preset", "demo", "--config", str(small), *common, "--epochs", "1",
-                      "--batch_size", "4")
+                      "--batch_size", "4", "--lr_scaling", "sqrt")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "2 processes × batch 4 = global batch 8" in first.stdout
+    assert "peak lr 0.00424264 (lr_scaling sqrt)" in first.stdout  # the demo's 0.003 × √2
     run = tmp_path / "runs" / "demo"
     assert json.loads((run / "config.json").read_text())["processes"] == 2
     second = _torchrun("--resume", str(run), "--epochs", "2")
