@@ -140,9 +140,10 @@ def _buckets(tensors, limit=BUCKET_BYTES):
         yield bucket
 
 
-def all_reduce_mean_(tensors, world_size: int) -> None:
-    """Average ``tensors`` in place over all ranks, flattened into buckets of ``BUCKET_BYTES``
-    (few large messages instead of one per tensor). Every rank gets the same bytes back."""
+def all_reduce_(tensors, world_size: int, mean: bool = True) -> None:
+    """Sum (``mean``: average) ``tensors`` in place over all ranks, flattened into buckets of
+    ``BUCKET_BYTES`` (few large messages instead of one per tensor). Every rank gets the same
+    bytes back."""
     import torch
     import torch.distributed as dist
 
@@ -152,7 +153,8 @@ def all_reduce_mean_(tensors, world_size: int) -> None:
         pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
     for bucket, flat, work in pending:
         work.wait()
-        flat.div_(world_size)
+        if mean:
+            flat.div_(world_size)
         offset = 0
         for t in bucket:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
@@ -191,7 +193,7 @@ class GradientAllReduce:
 
         grads = [torch.zeros_like(v.value) if g is None else g
                  for g, v in zip(grads, trainable_variables or self.model.trainable_variables)]
-        all_reduce_mean_(list(grads) + _synced_statistics(self.model), self.context.world_size)
+        all_reduce_(list(grads) + _synced_statistics(self.model), self.context.world_size)
         return self.inner(grads, trainable_variables)
 
 
@@ -205,22 +207,14 @@ def _reduce_metric_results(model: keras.Model, context: DistributedContext):
     original = model._get_metrics_result_or_logs
 
     def reduced(logs):
-        import torch
-        import torch.distributed as dist
-
-        variables = [v for m in model.metrics for v in m.variables]
-        local = [v.value.data.clone() for v in variables]
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in local])
-        dist.all_reduce(flat)
-        offset = 0
-        for v, t in zip(variables, local):
-            v.value.data.copy_(flat[offset:offset + t.numel()].view_as(t).to(t.dtype))
-            offset += t.numel()
+        values = [v.value.data for m in model.metrics for v in m.variables]
+        local = [t.clone() for t in values]
+        all_reduce_(values, context.world_size, mean=False)
         try:
             return original(logs)
         finally:
-            for v, t in zip(variables, local):
-                v.value.data.copy_(t)
+            for t, saved in zip(values, local):
+                t.copy_(saved)
 
     model._get_metrics_result_or_logs = reduced
 

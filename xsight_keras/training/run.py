@@ -18,24 +18,24 @@ from xsight_keras.data.demo import write_demo_dataset
 from xsight_keras.files import atomic_write_text
 from xsight_keras.models import attention_unet, grow, progressive_unet
 from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
-from xsight_keras.training.distributed import (
-    current_context,
-    init_distributed,
-    install_data_parallel,
-    scaled_learning_rate,
-)
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
     ExponentialMovingAverage,
     ResumableEarlyStopping,
-    StopOnNonFiniteLoss,
     ScheduleLogger,
     StochasticWeightAveraging,
+    StopOnNonFiniteLoss,
     TensorBoardLogger,
     TTAValidation,
     plot_history,
     save_model_atomically,
     update_batch_norm,
+)
+from xsight_keras.training.distributed import (
+    current_context,
+    init_distributed,
+    install_data_parallel,
+    scaled_learning_rate,
 )
 from xsight_keras.training.losses import (
     BCEDiceLoss,
@@ -271,8 +271,8 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     checkpoint = BestCheckpoint(best_path, monitor=monitor, mode="max", ema=ema)
     if ctx.is_primary:  # the writers; the other ranks hold the same model and metrics
         callbacks += [checkpoint, keras.callbacks.CSVLogger(str(csv_path), append=state is not None)]
-    sample = [val.sample(0, i) for i in range(min(config.tensorboard_images, len(val)))
-              if ctx.is_primary]
+    shown = min(config.tensorboard_images, len(val)) if ctx.is_primary else 0
+    sample = [val.sample(0, i) for i in range(shown)]
     if sample:
         images = np.stack([s[0] for s in sample])
         first = [s[1][train.semantic_key] if isinstance(s[1], dict) else s[1] for s in sample]
