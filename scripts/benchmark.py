@@ -167,7 +167,7 @@ def _synthetic_batch(batch, size, classes, data_format, scales=(), seed=0):
 def _keras_model(name, data_format, policy, jit_compile):
     import keras
 
-    from xsight_keras.models import attention_unet, progressive_unet
+    from xsight_keras.models import attention_unet, match_optimizer_layout, progressive_unet
     from xsight_keras.training.losses import HybridLoss, multiscale_losses
 
     keras.config.set_image_data_format(data_format)
@@ -183,6 +183,9 @@ def _keras_model(name, data_format, policy, jit_compile):
     if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, jit_compile=jit_compile)
+    # what fit's MatchOptimizerLayout callback does; train_on_batch runs no callbacks
+    model.optimizer.build(model.trainable_variables)
+    match_optimizer_layout(model.optimizer, model.trainable_variables)
     return model, scales
 
 

@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 from keras import layers
 
-from xsight_keras.models import FusedBatchNormalization, FusedUpSampling2D
+from xsight_keras.models import (
+    FusedBatchNormalization,
+    FusedUpSampling2D,
+    TorchOrderConv2D,
+    match_optimizer_layout,
+)
+from xsight_keras.training import MatchOptimizerLayout
+
+torch_only = pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch memory layout")
 
 
 def _pair(data_format, channels=5):
@@ -110,3 +118,82 @@ def test_fused_layers_round_trip_through_keras_files(tmp_path):
     assert type(loaded.get_layer("up")) is FusedUpSampling2D
     x = np.random.default_rng(0).normal(size=(1, 8, 8, 3)).astype("float32")
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(model(x)))
+
+
+def _conv_pair(conv_class, data_format, kernel_size=3, strides=1, filters=4):
+    """A tiny Functional model: conv -> BN -> ReLU -> 1×1 conv, built with ``conv_class``."""
+    shape = (8, 8, 3) if data_format == "channels_last" else (3, 8, 8)
+    inputs = keras.Input(shape)
+    x = conv_class(filters, kernel_size, strides=strides, padding="same", name="conv")(inputs)
+    x = layers.ReLU()(FusedBatchNormalization(axis=-1 if data_format == "channels_last" else 1)(x))
+    outputs = conv_class(2, 1, name="head")(x)
+    return keras.Model(inputs, outputs)
+
+
+@pytest.mark.parametrize("kernel_size,strides", [(3, 1), (3, 2), (1, 1), (7, 2)])
+def test_torch_order_conv_matches_keras_conv(data_format, kernel_size, strides):
+    ref = _conv_pair(layers.Conv2D, data_format, kernel_size, strides)
+    fast = _conv_pair(TorchOrderConv2D, data_format, kernel_size, strides)
+    fast.set_weights(ref.get_weights())
+    conv = fast.get_layer("conv")
+    # the Keras view is untouched: shape and get_weights in (kh, kw, in, out)
+    assert tuple(conv.kernel.shape) == (kernel_size, kernel_size, 3, 4)
+    np.testing.assert_array_equal(conv.get_weights()[0], ref.get_layer("conv").get_weights()[0])
+    x = np.random.default_rng(0).normal(size=(2,) + tuple(ref.input_shape[1:])).astype("float32")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(fast(x, training=True)),
+                               keras.ops.convert_to_numpy(ref(x, training=True)), atol=1e-5)
+
+
+@torch_only
+def test_torch_order_conv_kernel_and_gradient_need_no_copy():
+    import torch
+
+    model = _conv_pair(TorchOrderConv2D, "channels_first")
+    kernel = model.get_layer("conv").kernel
+    assert kernel.value.permute(3, 2, 0, 1).is_contiguous()  # what the backend hands to conv2d
+    # the tensor the layer's module tracks is the one the variable holds (zero_grad reaches it)
+    assert any(p is kernel.value for p in model.parameters())
+    x = torch.randn(2, 3, 8, 8)
+    model(x, training=True).sum().backward()
+    assert kernel.value.grad.stride() == kernel.value.stride()
+
+
+@torch_only
+def test_training_with_torch_order_kernels_equals_keras_conv_training(tmp_path):
+    """Same data, same start: SGD with momentum on TorchOrderConv2D kernels (slot re-laid by the
+    callback) ends where plain Keras Conv2D ends; AdamW's two slots are re-laid too; the layout
+    survives saving and loading. (SGD for the comparison: Adam turns the last-bit differences
+    of two convolution algorithms on near-zero gradients into ±lr steps.)"""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 3, 8, 8)).astype("float32")
+    y = rng.normal(size=(8, 2, 8, 8)).astype("float32")
+    keras.config.set_image_data_format("channels_first")
+    models = [_conv_pair(layers.Conv2D, "channels_first"), _conv_pair(TorchOrderConv2D, "channels_first")]
+    models[1].set_weights(models[0].get_weights())
+    for model in models:
+        model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, global_clipnorm=1.0),
+                      loss="mse")
+        model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0,
+                  callbacks=[MatchOptimizerLayout()])
+    ref, fast = models
+    kernel = fast.get_layer("conv").kernel
+    slots = [v for v in fast.optimizer.variables if v.name.startswith("conv_kernel_")]
+    assert len(slots) == 1 and slots[0].value.stride() == kernel.value.stride()
+    for a, b in zip(fast.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    adamw = keras.optimizers.AdamW(1e-3)
+    adamw.build(fast.trainable_variables)
+    assert match_optimizer_layout(adamw, fast.trainable_variables) == 4  # m, v of both kernels
+    slots = [v for v in adamw.variables if v.name.startswith("conv_kernel_")]
+    assert len(slots) == 2 and all(s.value.stride() == kernel.value.stride() for s in slots)
+    assert not np.allclose(ref.get_layer("conv").get_weights()[0],
+                           _conv_pair(layers.Conv2D, "channels_first").get_layer("conv").get_weights()[0])
+
+    fast.save(tmp_path / "fast.keras")
+    loaded = keras.models.load_model(tmp_path / "fast.keras")
+    assert type(loaded.get_layer("conv")) is TorchOrderConv2D
+    assert loaded.get_layer("conv").kernel.value.permute(3, 2, 0, 1).is_contiguous()
+    np.testing.assert_array_equal(loaded.get_layer("conv").get_weights()[0], kernel.numpy())
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(x)), keras.ops.convert_to_numpy(fast(x)),
+                               atol=1e-6)

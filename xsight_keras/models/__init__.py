@@ -10,7 +10,13 @@ from xsight_keras.models.encoders import (
     resnet_encoder,
     resnet_features,
 )
-from xsight_keras.models.fused_layers import FusedBatchNormalization, FusedUpSampling2D
+from xsight_keras.models.fused_layers import (
+    FusedBatchNormalization,
+    FusedUpSampling2D,
+    TorchOrderConv2D,
+    match_optimizer_layout,
+    store_kernel_in_torch_order,
+)
 from xsight_keras.models.layers import SpatialSizeCheck, attention_gate, conv_bn_relu
 from xsight_keras.models.progressive_unet import (
     STAGE_RESOLUTIONS,
@@ -28,6 +34,7 @@ __all__ = [
     "SIZE_MULTIPLE",
     "STAGE_RESOLUTIONS",
     "SpatialSizeCheck",
+    "TorchOrderConv2D",
     "attention_gate",
     "attention_unet",
     "conv_bn_relu",
@@ -36,10 +43,12 @@ __all__ = [
     "grow",
     "inference_view",
     "load_encoder_weights",
+    "match_optimizer_layout",
     "progressive_unet",
     "progressive_unet_spec",
     "read_state_dict",
     "resnet_encoder",
     "resnet_features",
+    "store_kernel_in_torch_order",
     "transfer_weights",
 ]

@@ -8,7 +8,7 @@ import keras
 from keras import layers
 
 from xsight_keras.models.encoders import encoder_channels, load_encoder_weights, resnet_features
-from xsight_keras.models.fused_layers import FusedUpSampling2D
+from xsight_keras.models.fused_layers import FusedUpSampling2D, TorchOrderConv2D
 from xsight_keras.models.layers import (
     SpatialSizeCheck,
     attention_gate,
@@ -73,7 +73,7 @@ def attention_unet(
         d = conv_bn_relu(d, filters, f"dec{i}_block2")
         if dropout:
             d = layers.Dropout(dropout, name=f"dec{i}_dropout")(d)
-    logits = layers.Conv2D(num_classes, 1, name="head_conv")(d)
+    logits = TorchOrderConv2D(num_classes, 1, name="head_conv")(d)
     outputs = output_activation(activation, name="probabilities")(logits)
     if instance_head:
         outputs = {"semantic": outputs, "instance": instance_branch(d, decoder_filters[-1])}

@@ -16,6 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from xsight_keras.models.fused_layers import TorchOrderConv2D
 from xsight_keras.models.layers import batch_norm, channel_axis, image_input
 
 ENCODER_PREFIX = "enc_"
@@ -53,11 +54,11 @@ def _conv(x, filters, kernel_size, strides, name):
     """Convolution padded like PyTorch's (symmetric ``kernel_size // 2``), no bias."""
     pad = kernel_size // 2
     if strides == 1:
-        return layers.Conv2D(filters, kernel_size, padding="same", use_bias=False, name=name)(x)
+        return TorchOrderConv2D(filters, kernel_size, padding="same", use_bias=False, name=name)(x)
     if pad:
         # Keras "same" pads asymmetrically for stride 2; torchvision pads both sides.
         x = layers.ZeroPadding2D(pad, name=f"{name}_pad")(x)
-    return layers.Conv2D(filters, kernel_size, strides=strides, use_bias=False, name=name)(x)
+    return TorchOrderConv2D(filters, kernel_size, strides=strides, use_bias=False, name=name)(x)
 
 
 def _residual_out(x, residual, out_channels, strides, name):

@@ -1,8 +1,9 @@
-"""Keras layers with a fused fast path on the torch backend: BatchNorm and 2× upsampling.
+"""Keras layers with a fast path on the torch backend: BatchNorm, 2× upsampling, convolution.
 
 Each class here is a drop-in subclass of the Keras layer (same weights, same config, registered
-serializable). On the torch backend, for eager tensors, it calls the one fused PyTorch kernel;
-everywhere else (JAX, TensorFlow, shape inference, stateless calls) it runs Keras' own code.
+serializable). On the torch backend, for eager tensors, it calls the one fused PyTorch kernel
+(or, for convolutions, keeps its kernel in the memory order PyTorch's kernels read); everywhere
+else (JAX, TensorFlow, shape inference, stateless calls) it runs Keras' own code.
 
 Keras' ``BatchNormalization`` builds the normalisation from separate element-wise ops (moments,
 subtract, rsqrt, multiply, add, two variable assignments), each with its own backward. On the
@@ -10,7 +11,10 @@ torch backend that cost 0.43 s of a 1.9 s Attention U-Net training step on the C
 ``torch.nn.functional.batch_norm`` does the same work in one fused kernel (and uses cuDNN on
 GPUs). Keras' nearest ``UpSampling2D`` transposes channels-first tensors to channels-last,
 repeats twice and transposes back, leaving a strided tensor that the next convolution copies
-again; ``torch.nn.functional.interpolate`` writes the result once.
+again; ``torch.nn.functional.interpolate`` writes the result once. Keras stores a convolution
+kernel as (kh, kw, in, out) and its torch backend permutes it to PyTorch's (out, in, kh, kw) on
+every call; oneDNN and cuDNN then copy the strided view into a contiguous one, and the kernel's
+gradient is copied back the other way: 120 ms of a 1.6 s training step on the CPU.
 """
 
 from __future__ import annotations
@@ -29,6 +33,91 @@ def _torch_fast_path(inputs) -> bool:
     """Whether a call on ``inputs`` can take a PyTorch fast path: torch backend, real tensors
     (not Keras' shape inference on "meta" tensors, which runs in a stateless scope)."""
     return keras.backend.backend() == "torch" and not in_stateless_scope()
+
+
+_TORCH_KERNEL_ORDER = (3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
+_KERAS_KERNEL_ORDER = (2, 3, 1, 0)  # and back
+
+
+def store_kernel_in_torch_order(variable) -> bool:
+    """Lay a 4-D Keras kernel variable out in memory in PyTorch's (out, in, kh, kw) order.
+
+    ``variable``: a ``keras.Variable`` of shape (kh, kw, in, out). Its shape, values, saved form
+    and every Keras API stay those of Keras; only the strides of the torch tensor behind it
+    change, so that ``permute(3, 2, 0, 1)`` (what the torch backend's convolution does) is a
+    contiguous tensor and the convolution reads it without a copy. Gradients, optimizer slots
+    (see :func:`match_optimizer_layout`), ``assign`` and EMA copies keep those strides. Returns
+    whether the layout changed (False on other backends, for symbolic or already laid-out
+    variables). Call it before the variable is tracked by its layer (in ``build``).
+    """
+    if keras.backend.backend() != "torch" or len(variable.shape) != 4:
+        return False
+    import torch
+
+    value = getattr(variable, "_value", None)
+    if value is None or value.device.type == "meta":
+        return False
+    torch_order = value.detach().permute(*_TORCH_KERNEL_ORDER)
+    if torch_order.is_contiguous():
+        return False
+    laid_out = torch_order.contiguous().permute(*_KERAS_KERNEL_ORDER)
+    variable._value = torch.nn.Parameter(laid_out, requires_grad=value.requires_grad)
+    return True
+
+
+def match_optimizer_layout(optimizer, variables) -> int:
+    """Give each optimizer slot (Adam's moments, SGD's momentum, …) the memory layout of the
+    model variable it belongs to; returns how many slots were re-laid.
+
+    Keras creates slots as contiguous tensors. When a kernel is stored in PyTorch's order
+    (:func:`store_kernel_in_torch_order`), every element-wise update between the contiguous slot
+    and the strided gradient then walks memory out of order (about 100 ms a step for a ResNet34
+    U-Net on the CPU); with matching layouts those updates are plain contiguous loops. Values are
+    unchanged. ``optimizer`` must be built; a no-op on backends other than torch.
+    Slots are matched to variables by Keras' slot naming (``{variable.path}_{slot}``, ``/`` as
+    ``_``) and shape.
+    """
+    if keras.backend.backend() != "torch" or not optimizer.built:
+        return 0
+    import torch
+
+    strided = {}
+    for v in variables:
+        value = getattr(v, "_value", None)
+        if value is not None and len(v.shape) == 4 and not value.is_contiguous():
+            strided[v.path.replace("/", "_") + "_"] = value
+    changed = 0
+    for slot in optimizer.variables:
+        value = getattr(slot, "_value", None)
+        if value is None or len(slot.shape) != 4:
+            continue
+        owners = [p for p in strided if slot.name.startswith(p)
+                  and strided[p].shape == value.shape]
+        if not owners:
+            continue
+        target = strided[max(owners, key=len)]
+        if value.stride() == target.stride():
+            continue
+        laid_out = torch.empty_like(target, dtype=value.dtype)  # same strides as the variable
+        laid_out.copy_(value.detach())
+        slot._value = torch.nn.Parameter(laid_out, requires_grad=value.requires_grad)
+        changed += 1
+    return changed
+
+
+@keras.saving.register_keras_serializable(package="xsight_keras")
+class TorchOrderConv2D(layers.Conv2D):
+    """``keras.layers.Conv2D`` whose kernel, on the torch backend, lies in memory in PyTorch's
+    (out, in, kh, kw) order (:func:`store_kernel_in_torch_order`); Keras' own layer elsewhere.
+
+    Same arguments, config, weights and outputs as ``keras.layers.Conv2D``: ``kernel.shape`` is
+    (kh, kw, in, out) and ``get_weights`` / saved files hold that order on every backend. Only
+    the convolution no longer copies its kernel on every call, nor its gradient on every step.
+    """
+
+    def build(self, input_shape):
+        super().build(input_shape)
+        store_kernel_in_torch_order(self._kernel)
 
 
 @keras.saving.register_keras_serializable(package="xsight_keras")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 from keras import layers, ops
 
-from xsight_keras.models.fused_layers import FusedBatchNormalization
+from xsight_keras.models.fused_layers import FusedBatchNormalization, TorchOrderConv2D
 
 
 def channel_axis() -> int:
@@ -45,7 +45,7 @@ def conv_bn_relu(x, filters: int, name: str, kernel_size: int = 3):
 
     Layers: ``{name}_conv``, ``{name}_bn``, ``{name}_relu``. Spatial size is unchanged.
     """
-    x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = TorchOrderConv2D(filters, kernel_size, padding="same", use_bias=False, name=f"{name}_conv")(x)
     x = batch_norm(f"{name}_bn")(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
@@ -57,12 +57,12 @@ def attention_gate(skip, gating, inter_channels: int, name: str):
     feature map already brought to the same resolution. Returns ``skip`` scaled by a per-pixel
     coefficient in (0, 1): ``skip * sigmoid(psi(relu(Wx·skip + Wg·gating)))``, shape of ``skip``.
     """
-    theta = layers.Conv2D(inter_channels, 1, use_bias=False, name=f"{name}_theta")(skip)
+    theta = TorchOrderConv2D(inter_channels, 1, use_bias=False, name=f"{name}_theta")(skip)
     theta = batch_norm(f"{name}_theta_bn")(theta)
-    phi = layers.Conv2D(inter_channels, 1, use_bias=True, name=f"{name}_phi")(gating)
+    phi = TorchOrderConv2D(inter_channels, 1, use_bias=True, name=f"{name}_phi")(gating)
     phi = batch_norm(f"{name}_phi_bn")(phi)
     act = layers.ReLU(name=f"{name}_relu")(layers.Add(name=f"{name}_add")([theta, phi]))
-    psi = layers.Conv2D(1, 1, use_bias=True, name=f"{name}_psi")(act)
+    psi = TorchOrderConv2D(1, 1, use_bias=True, name=f"{name}_psi")(act)
     psi = batch_norm(f"{name}_psi_bn")(psi)
     alpha = layers.Activation("sigmoid", name=f"{name}_sigmoid")(psi)
     return layers.Multiply(name=f"{name}_scale")([skip, alpha])
@@ -87,7 +87,7 @@ def instance_branch(features, filters: int):
     """Instance head: conv+BN+ReLU then a 1×1 conv to 2 sigmoid channels (distance, contour),
     float32. Layers ``instance_block_*``, ``instance_head`` and the output ``instance``."""
     x = conv_bn_relu(features, filters, "instance_block")
-    x = layers.Conv2D(2, 1, name="instance_head")(x)
+    x = TorchOrderConv2D(2, 1, name="instance_head")(x)
     return layers.Activation("sigmoid", dtype="float32", name="instance")(x)
 
 

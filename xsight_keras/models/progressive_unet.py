@@ -22,7 +22,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from xsight_keras.models.fused_layers import FusedUpSampling2D
+from xsight_keras.models.fused_layers import FusedUpSampling2D, TorchOrderConv2D
 from xsight_keras.models.layers import (
     SpatialSizeCheck,
     channel_axis,
@@ -94,7 +94,7 @@ def progressive_unet(
         x = layers.Concatenate(axis=axis, name=f"dec{level}_concat")([x, skips[level]])
         x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block1")
         x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block2")
-        logits = layers.Conv2D(num_classes, 1, name=f"dec{level}_head")(x)
+        logits = TorchOrderConv2D(num_classes, 1, name=f"dec{level}_head")(x)
         scale = 2 ** (stage - level)
         outputs[f"scale_{scale}"] = output_activation(activation, name=f"scale_{scale}")(logits)
         if scale > 1:

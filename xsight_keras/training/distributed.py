@@ -140,14 +140,24 @@ def _buckets(tensors, limit=BUCKET_BYTES):
         yield bucket
 
 
+def _in_memory_order(t):
+    """A view of ``t`` with its dimensions in memory order: contiguous for any dense tensor,
+    including kernels stored in PyTorch's order, so flattening and writing back never copy
+    element by element out of order."""
+    if t.is_contiguous():
+        return t
+    return t.permute(*sorted(range(t.ndim), key=lambda d: -t.stride(d)))
+
+
 def all_reduce_(tensors, world_size: int, mean: bool = True) -> None:
     """Sum (``mean``: average) ``tensors`` in place over all ranks, flattened into buckets of
     ``BUCKET_BYTES`` (few large messages instead of one per tensor). Every rank gets the same
-    bytes back."""
+    bytes back (all ranks hold the same layouts, so memory order is the same everywhere)."""
     import torch
     import torch.distributed as dist
 
     pending = []
+    tensors = [_in_memory_order(t) for t in tensors]
     for bucket in _buckets(tensors):
         flat = torch.cat([t.reshape(-1) for t in bucket])
         pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
@@ -168,8 +178,8 @@ def broadcast_variables(model: keras.Model, context: DistributedContext | None =
         return
     import torch.distributed as dist
 
-    for v in model.variables:
-        dist.broadcast(v.value.data, src=0)
+    for v in model.variables:  # collectives need contiguous tensors: memory-order views are
+        dist.broadcast(_in_memory_order(v.value.data), src=0)
 
 
 def _synced_statistics(model: keras.Model):

@@ -21,6 +21,7 @@ from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
     ExponentialMovingAverage,
+    MatchOptimizerLayout,
     ResumableEarlyStopping,
     ScheduleLogger,
     StochasticWeightAveraging,
@@ -258,8 +259,8 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     val_loader = make_loader(val, batch_size, num_workers=0, **shard)
     best_path = run_dir / (f"best{tag}.keras")
     csv_path = run_dir / f"history{tag}.csv"
-    callbacks = [EpochSeeder(config.seed), SyncLoaderEpoch(train_loader), StopOnNonFiniteLoss(ctx),
-                 ScheduleLogger(train)]
+    callbacks = [MatchOptimizerLayout(), EpochSeeder(config.seed), SyncLoaderEpoch(train_loader),
+                 StopOnNonFiniteLoss(ctx), ScheduleLogger(train)]
     if ema is not None:
         callbacks.append(ema)
     if config.tta_val:
