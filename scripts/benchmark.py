@@ -167,7 +167,8 @@ def _synthetic_batch(batch, size, classes, data_format, scales=(), seed=0):
 def _keras_model(name, data_format, policy, jit_compile):
     import keras
 
-    from xsight_keras.models import attention_unet, match_optimizer_layout, progressive_unet
+    from xsight_keras.models import attention_unet, progressive_unet
+    from xsight_keras.training import FusedAdamW
     from xsight_keras.training.losses import HybridLoss, multiscale_losses
 
     keras.config.set_image_data_format(data_format)
@@ -179,13 +180,10 @@ def _keras_model(name, data_format, policy, jit_compile):
         model = progressive_unet(4, 3, 6)
         loss, loss_weights = multiscale_losses(loss, model.output_names)
         scales = tuple(int(n.split("_")[1]) for n in model.output_names if n.startswith("scale_"))
-    optimizer = keras.optimizers.AdamW(1e-3)
+    optimizer = FusedAdamW(1e-3)  # what the engine trains with
     if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, jit_compile=jit_compile)
-    # what fit's MatchOptimizerLayout callback does; train_on_batch runs no callbacks
-    model.optimizer.build(model.trainable_variables)
-    match_optimizer_layout(model.optimizer, model.trainable_variables)
     return model, scales
 
 
@@ -216,7 +214,10 @@ def bench_model(args) -> dict:
     from xsight_keras.data.preprocess import PreprocessConfig
     from xsight_keras.inference import Predictor
     from xsight_keras.inference.predictor import _positions
+    from xsight_keras.training.host_memory import keep_freed_memory_in_process
 
+    if not args.glibc_malloc_defaults:  # as the training engine does
+        keep_freed_memory_in_process()
     model, scales = _keras_model(args.model, args.data_format, args.policy, args.jit_compile)
     x, y = _synthetic_batch(args.batch, args.size, 6, args.data_format, scales)
     # on the device already, as the twin's batch is: the step is timed, not the host-to-device copy
@@ -228,10 +229,13 @@ def bench_model(args) -> dict:
     train = interleaved_medians(steps, args.repeats)
     result = {"benchmark": "model", "model": args.model, "data_format": args.data_format,
               "policy": args.policy, "jit_compile": args.jit_compile, "batch": args.batch,
-              "size": args.size, "train_images_per_s": round(args.batch / train["keras"], 2)}
+              "size": args.size, "glibc_malloc_defaults": args.glibc_malloc_defaults,
+              "train_images_per_s": round(args.batch / train["keras"], 2)}
     if "twin" in train:
         result["twin_train_images_per_s"] = round(args.batch / train["twin"], 2)
         result["train_step_ratio_vs_twin"] = round(train["keras"] / train["twin"], 3)
+    if args.train_only:
+        return result
 
     rng = np.random.default_rng(1)
     whole = rng.integers(0, 255, (1000, 1000, 3), dtype=np.uint8)
@@ -289,9 +293,14 @@ def bench_all(args) -> dict:
                             "--batch", str(args.batch)))
         rows.append(run("model", "--model", "progressive_unet", "--data_format", "channels_first",
                         "--policy", policy, "--repeats", str(args.repeats), "--batch", str(args.batch)))
+    # the same train step with glibc's default malloc settings (Keras and twin alike)
+    rows.append(run("model", "--model", "attention_unet", "--data_format", "channels_first",
+                    "--repeats", str(args.repeats), "--batch", str(args.batch), "--train_only",
+                    "--glibc_malloc_defaults"))
     loader = run("loader", "--repeats", str(args.repeats), "--batch", str(args.batch))
     memory = run("prepare-memory", "--tiles", str(args.tiles)) if args.tiles else None
-    default = next(r for r in rows if r["data_format"] == "channels_first" and r["model"] == "attention_unet")
+    default = next(r for r in rows if r["model"] == "attention_unet" and r["policy"] == "float32"
+                   and r["data_format"] == "channels_first" and not r["glibc_malloc_defaults"])
     consumption = default["train_images_per_s"]
     return {"benchmark": "all", "machine": machine(), "models": rows, "loader": loader,
             "prepare_memory": memory,
@@ -305,7 +314,8 @@ def print_table(result: dict) -> None:
             print(f"{key:>26s}: {value}")
         return
     print(f"machine: {result['machine']}")
-    cols = ("model", "data_format", "policy", "train_images_per_s", "train_step_ratio_vs_twin",
+    cols = ("model", "data_format", "policy", "glibc_malloc_defaults", "train_images_per_s",
+            "twin_train_images_per_s", "train_step_ratio_vs_twin",
             "inference_tiles_per_s", "tta8_tiles_per_s", "predict_1000x1000_s", "sliding_window_ratio")
     print(" | ".join(cols))
     for row in result["models"]:
@@ -341,6 +351,9 @@ def main(argv=None) -> int:
     p.add_argument("--policy", default="float32", help="float32, mixed_float16 (CUDA) or mixed_bfloat16")
     p.add_argument("--jit_compile", action="store_true", help="torch.compile the train and predict steps")
     p.add_argument("--no_twin", action="store_true", help="skip the plain-PyTorch comparison")
+    p.add_argument("--train_only", action="store_true", help="skip the inference figures")
+    p.add_argument("--glibc_malloc_defaults", action="store_true",
+                   help="leave glibc's malloc as it is (the engine keeps freed memory in the process)")
     p = sub.add_parser("all")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)

@@ -11,7 +11,6 @@ from xsight_keras.models import (
     TorchOrderConv2D,
     match_optimizer_layout,
 )
-from xsight_keras.training import MatchOptimizerLayout
 
 torch_only = pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch memory layout")
 
@@ -160,10 +159,10 @@ def test_torch_order_conv_kernel_and_gradient_need_no_copy():
 
 @torch_only
 def test_training_with_torch_order_kernels_equals_keras_conv_training(tmp_path):
-    """Same data, same start: SGD with momentum on TorchOrderConv2D kernels (slot re-laid by the
-    callback) ends where plain Keras Conv2D ends; AdamW's two slots are re-laid too; the layout
-    survives saving and loading. (SGD for the comparison: Adam turns the last-bit differences
-    of two convolution algorithms on near-zero gradients into ±lr steps.)"""
+    """Same data, same start: SGD with momentum on TorchOrderConv2D kernels (slot re-laid by
+    match_optimizer_layout) ends where plain Keras Conv2D ends; AdamW's two slots are re-laid
+    too; the layout survives saving and loading. (SGD for the comparison: Adam turns the
+    last-bit differences of two convolution algorithms on near-zero gradients into ±lr steps.)"""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(8, 3, 8, 8)).astype("float32")
     y = rng.normal(size=(8, 2, 8, 8)).astype("float32")
@@ -173,8 +172,9 @@ def test_training_with_torch_order_kernels_equals_keras_conv_training(tmp_path):
     for model in models:
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9, global_clipnorm=1.0),
                       loss="mse")
-        model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0,
-                  callbacks=[MatchOptimizerLayout()])
+        model.optimizer.build(model.trainable_variables)
+        match_optimizer_layout(model.optimizer, model.trainable_variables)
+        model.fit(x, y, batch_size=4, epochs=3, shuffle=False, verbose=0)
     ref, fast = models
     kernel = fast.get_layer("conv").kernel
     slots = [v for v in fast.optimizer.variables if v.name.startswith("conv_kernel_")]

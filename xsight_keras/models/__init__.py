@@ -29,10 +29,10 @@ from xsight_keras.models.transfer import transfer_weights
 
 __all__ = [
     "RESNET_SPECS",
-    "FusedBatchNormalization",
-    "FusedUpSampling2D",
     "SIZE_MULTIPLE",
     "STAGE_RESOLUTIONS",
+    "FusedBatchNormalization",
+    "FusedUpSampling2D",
     "SpatialSizeCheck",
     "TorchOrderConv2D",
     "attention_gate",

@@ -73,8 +73,10 @@ def match_optimizer_layout(optimizer, variables) -> int:
     (:func:`store_kernel_in_torch_order`), every element-wise update between the contiguous slot
     and the strided gradient then walks memory out of order (about 100 ms a step for a ResNet34
     U-Net on the CPU); with matching layouts those updates are plain contiguous loops. Values are
-    unchanged. ``optimizer`` must be built; a no-op on backends other than torch.
-    Slots are matched to variables by Keras' slot naming (``{variable.path}_{slot}``, ``/`` as
+    unchanged. ``optimizer`` must be built; a no-op on backends other than torch. The engine's
+    optimizers (:class:`~xsight_keras.training.optimizers.FusedAdamW`) call it when they are
+    built; call it yourself after ``optimizer.build(model.trainable_variables)`` for Keras'
+    own optimizers. Slots are matched to variables by Keras' slot naming (``{variable.path}_{slot}``, ``/`` as
     ``_``) and shape.
     """
     if keras.backend.backend() != "torch" or not optimizer.built:

@@ -3,7 +3,6 @@
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
     ExponentialMovingAverage,
-    MatchOptimizerLayout,
     ScheduleLogger,
     StochasticWeightAveraging,
     TensorBoardLogger,
@@ -28,13 +27,13 @@ from xsight_keras.training.losses import (
     multiscale_losses,
 )
 from xsight_keras.training.metrics import SegmentationScore, segmentation_metrics
+from xsight_keras.training.optimizers import FusedAdam, FusedAdamW
 from xsight_keras.training.schedules import OneCycle, WarmupCosine
 from xsight_keras.training.state import SyncLoaderEpoch
 
 __all__ = [
     "BCEDiceLoss", "BestCheckpoint", "BoundaryLoss", "DistributedContext",
-    "ExponentialMovingAverage", "FocalLoss", "HybridLoss", "InstanceLoss", "MatchOptimizerLayout",
-    "OneCycle",
+    "ExponentialMovingAverage", "FocalLoss", "FusedAdam", "FusedAdamW", "HybridLoss", "InstanceLoss", "OneCycle",
     "ScheduleLogger", "SegmentationScore", "SoftDiceLoss", "StochasticWeightAveraging",
     "SyncLoaderEpoch", "TensorBoardLogger", "WarmupCosine", "class_weights_from_counts",
     "init_distributed", "install_data_parallel", "multiscale_losses", "plot_history",

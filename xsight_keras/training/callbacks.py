@@ -12,7 +12,6 @@ import numpy as np
 from keras import ops
 
 from xsight_keras.inference.predictor import Predictor, model_data_format, predict_batch
-from xsight_keras.models.fused_layers import match_optimizer_layout
 from xsight_keras.viz.plots import colourise
 
 
@@ -37,20 +36,6 @@ def save_model_atomically(model: keras.Model, path) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
-
-
-class MatchOptimizerLayout(keras.callbacks.Callback):
-    """At the start of ``fit``, give the optimizer's slots the memory layout of their variables
-    (:func:`~xsight_keras.models.fused_layers.match_optimizer_layout`): a speed-up on the torch
-    backend for models whose kernels are stored in PyTorch's order (all of this library's), a
-    no-op elsewhere. Values and results are unchanged. ``fit`` has built the optimizer (or
-    restored it from a ``.keras`` file) before ``on_train_begin``.
-    """
-
-    def on_train_begin(self, logs=None):
-        optimizer = getattr(self.model, "optimizer", None)
-        if optimizer is not None:
-            match_optimizer_layout(optimizer, self.model.trainable_variables)
 
 
 class ExponentialMovingAverage(keras.callbacks.Callback):

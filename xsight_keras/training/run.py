@@ -21,7 +21,6 @@ from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
     ExponentialMovingAverage,
-    MatchOptimizerLayout,
     ResumableEarlyStopping,
     ScheduleLogger,
     StochasticWeightAveraging,
@@ -38,6 +37,7 @@ from xsight_keras.training.distributed import (
     install_data_parallel,
     scaled_learning_rate,
 )
+from xsight_keras.training.host_memory import keep_freed_memory_in_process
 from xsight_keras.training.losses import (
     BCEDiceLoss,
     FocalLoss,
@@ -48,6 +48,7 @@ from xsight_keras.training.losses import (
     multiscale_losses,
 )
 from xsight_keras.training.metrics import segmentation_metrics
+from xsight_keras.training.optimizers import FusedAdam, FusedAdamW
 from xsight_keras.training.schedules import OneCycle, WarmupCosine
 from xsight_keras.training.state import (
     EpochSeeder,
@@ -148,7 +149,8 @@ def build_loss(config: RunConfig, pixel_counts=None):
 
 
 def build_optimizer(config: RunConfig, steps_per_epoch: int, epochs: int, world_size: int = 1):
-    """AdamW/Adam with the configured schedule and global-norm gradient clipping; the peak
+    """AdamW/Adam (Keras' arithmetic, PyTorch's fused kernel on the torch backend: see
+    :mod:`.optimizers`) with the configured schedule and global-norm gradient clipping; the peak
     learning rate is scaled for ``world_size`` processes by ``config.lr_scaling``."""
     total = max(steps_per_epoch * epochs, 1)
     peak = scaled_learning_rate(config.lr, world_size, config.lr_scaling)
@@ -160,10 +162,10 @@ def build_optimizer(config: RunConfig, steps_per_epoch: int, epochs: int, world_
         lr = peak
     kwargs = {"learning_rate": lr, "global_clipnorm": config.grad_clip_val or None}
     if config.optimizer == "adamw":
-        opt = keras.optimizers.AdamW(weight_decay=config.weight_decay, **kwargs)
+        opt = FusedAdamW(weight_decay=config.weight_decay, **kwargs)
         opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])  # no decay on BN/bias
         return opt
-    return keras.optimizers.Adam(**kwargs)
+    return FusedAdam(**kwargs)
 
 
 def _prepare_run_dir(config: RunConfig) -> Path:
@@ -259,8 +261,8 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     val_loader = make_loader(val, batch_size, num_workers=0, **shard)
     best_path = run_dir / (f"best{tag}.keras")
     csv_path = run_dir / f"history{tag}.csv"
-    callbacks = [MatchOptimizerLayout(), EpochSeeder(config.seed), SyncLoaderEpoch(train_loader),
-                 StopOnNonFiniteLoss(ctx), ScheduleLogger(train)]
+    callbacks = [EpochSeeder(config.seed), SyncLoaderEpoch(train_loader), StopOnNonFiniteLoss(ctx),
+                 ScheduleLogger(train)]
     if ema is not None:
         callbacks.append(ema)
     if config.tta_val:
@@ -357,6 +359,7 @@ def _use_jax_devices(config: RunConfig) -> None:
 
 def _train(config: RunConfig, resume: bool = False) -> RunResult:
     start = time.time()
+    keep_freed_memory_in_process()  # no page faults on every step's activations (host_memory)
     if config.device == "cuda" and not _cuda_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available here")
     ctx = init_distributed()  # a single process unless started by torchrun

@@ -1,0 +1,45 @@
+"""Host-memory allocator settings for training processes.
+
+A training step allocates and frees the same few hundred activation tensors every step. With
+glibc's default settings every buffer above the dynamic mmap threshold (at most 32 MB) is a fresh
+``mmap`` and is handed back to the kernel when freed, and memory at the top of the heap is
+trimmed; the next step page-faults all of it in again, zero-filled. Measured on the development
+CPU (Attention U-Net ResNet34, batch 4 at 256²): 25,000–125,000 minor page faults and 0.07–0.27 s
+of kernel time per step, more for the Keras model than for the same network in plain PyTorch,
+because Keras keeps every intermediate tensor of a Functional forward pass alive until the pass
+ends. Keeping freed memory in the process removes nearly all of them (PyTorch's CPU performance
+guide suggests jemalloc or tcmalloc for the same reason; this needs no extra library).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import platform
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory_in_process(mmap_threshold: int = 1 << 30,
+                                 trim_threshold: int = (1 << 31) - 1) -> bool:
+    """Ask glibc's malloc to serve buffers below ``mmap_threshold`` bytes from its heap and to
+    keep up to ``trim_threshold`` bytes of freed memory there for reuse, instead of returning it
+    to the kernel after every step.
+
+    The process's resident memory then stays near its peak instead of falling between steps;
+    nothing else changes. Forked data-loader workers inherit the setting. Returns True when the
+    settings were applied; False (and changes nothing) on platforms without glibc (macOS,
+    Windows, musl) or if glibc refuses a value.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return False
+    mallopt = libc.mallopt
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
+        mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))

@@ -1,0 +1,113 @@
+"""Keras' Adam and AdamW, updated by PyTorch's fused Adam kernel on the torch backend.
+
+Keras' torch Adam runs its update as about a dozen ``torch._foreach_*`` passes over all
+parameters, gradients and moments, with temporaries in between; weight decay is one more pass.
+PyTorch's fused kernel (``torch._fused_adamw_``, what ``torch.optim.AdamW(fused=True)`` calls)
+reads each parameter, gradient and moment once and does decay, moments and step together: on the
+development CPU the optimizer's share of an Attention U-Net ResNet34 training step falls from
+about 54 ms to 25 ms. The arithmetic is Keras' (see :class:`FusedAdamW`); on other backends, and
+for ``amsgrad``, these classes are exactly Keras' own.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+
+from xsight_keras.models.fused_layers import match_optimizer_layout
+
+
+def _fused_kernel():
+    """``torch._fused_adamw_`` when the torch backend is active and the kernel exists (CPU
+    support arrived in torch 2.4), else None."""
+    if keras.backend.backend() != "torch":
+        return None
+    import torch
+
+    return getattr(torch, "_fused_adamw_", None)
+
+
+def _same_dense_layout(tensors) -> bool:
+    """Whether all ``tensors`` have one shape and one set of strides, and that layout is dense
+    (a permutation of a contiguous tensor). The fused kernels walk every tensor of a parameter
+    in raw memory order: a gradient or moment laid out differently from its parameter would be
+    updated element-against-wrong-element, silently."""
+    first = tensors[0]
+    if any(t.shape != first.shape or t.stride() != first.stride() for t in tensors[1:]):
+        return False
+    order = sorted(range(first.ndim), key=lambda d: -first.stride(d))
+    return first.permute(*order).is_contiguous()
+
+
+class _FusedAdamUpdate:
+    """The torch fast path shared by :class:`FusedAdam` and :class:`FusedAdamW`."""
+
+    def _fused(self):
+        return None if self.amsgrad else _fused_kernel()
+
+    def build(self, variables):
+        super().build(variables)
+        # moments in each parameter's memory layout (kernels stored in PyTorch's order)
+        match_optimizer_layout(self, variables)
+
+    def _apply_weight_decay(self, variables):
+        if self._fused() is None:
+            super()._apply_weight_decay(variables)
+        # else: the fused kernel decays each parameter before its Adam step, as Keras does
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        kernel = self._fused()
+        if kernel is None:
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        import torch
+
+        lr = float(keras.ops.convert_to_numpy(learning_rate))
+        step = float(keras.ops.convert_to_numpy(self.iterations)) + 1.0  # Keras' local step
+        # Keras divides by (sqrt(v) + eps) after folding sqrt(1 - beta_2^t) into the step size;
+        # PyTorch by (sqrt(v) / sqrt(1 - beta_2^t) + eps): the same update with this eps.
+        eps = self.epsilon / math.sqrt(1.0 - self.beta_2 ** step)
+        decay = self.weight_decay or 0.0
+        groups: dict = {}
+        write_back = []  # (original, contiguous copy) for tensors laid out unlike their parameter
+        for grad, variable in zip(grads, trainable_variables):
+            index = self._get_variable_index(variable)
+            tensors = (variable.value, grad, self._momentums[index].value,
+                       self._velocities[index].value)
+            if not _same_dense_layout(tensors):  # correct, slower: contiguous copies
+                copies = tuple(t.contiguous() for t in tensors)
+                write_back += [(t, c) for i, (t, c) in enumerate(zip(tensors, copies))
+                               if c is not t and i != 1]  # not the gradient
+                tensors = copies
+            use_decay = bool(decay) and self._use_weight_decay(variable)
+            key = (tensors[0].device, tensors[0].dtype, use_decay)
+            for items, item in zip(groups.setdefault(key, ([], [], [], [])), tensors):
+                items.append(item)
+        with torch.no_grad():
+            for (device, _, use_decay), (params, grad_list, m, v) in groups.items():
+                steps = [torch.tensor(step, device=device)] * len(params)
+                kernel(params, grad_list, m, v, [], steps, lr=lr, beta1=self.beta_1,
+                       beta2=self.beta_2, weight_decay=decay if use_decay else 0.0, eps=eps,
+                       amsgrad=False, maximize=False)
+            for original, copy in write_back:
+                original.copy_(copy)
+
+
+@keras.saving.register_keras_serializable(package="xsight_keras")
+class FusedAdam(_FusedAdamUpdate, keras.optimizers.Adam):
+    """``keras.optimizers.Adam`` (same arguments, config and results) whose update runs as
+    PyTorch's fused Adam kernel on the torch backend; Keras' own update elsewhere."""
+
+
+@keras.saving.register_keras_serializable(package="xsight_keras")
+class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
+    """``keras.optimizers.AdamW`` (same arguments, config, weight-decay exclusions and results)
+    whose update runs as PyTorch's fused AdamW kernel on the torch backend.
+
+    Per parameter and step, as Keras: ``w ← w·(1 − lr·wd)`` (unless excluded), ``m ← β1·m +
+    (1 − β1)·g``, ``v ← β2·v + (1 − β2)·g²``, ``w ← w − lr·√(1 − β2ᵗ)/(1 − β1ᵗ) · m / (√v + ε)``,
+    with t = ``iterations + 1``. Gradient clipping, accumulation, loss scaling and Keras' EMA
+    option are the base optimizer's and unchanged. The step count and learning rate are read on
+    the host each step (free on CPUs; one small device read on GPUs). ``amsgrad=True`` and
+    backends other than torch use Keras' own code.
+    """
