@@ -164,7 +164,7 @@ def _synthetic_batch(batch, size, classes, data_format, scales=(), seed=0):
     return x, y
 
 
-def _keras_model(name, data_format, policy, jit_compile):
+def _keras_model(name, data_format, policy, jit_compile, optimizer="fused_adamw"):
     import keras
 
     from xsight_keras.models import attention_unet, progressive_unet
@@ -180,7 +180,8 @@ def _keras_model(name, data_format, policy, jit_compile):
         model = progressive_unet(4, 3, 6)
         loss, loss_weights = multiscale_losses(loss, model.output_names)
         scales = tuple(int(n.split("_")[1]) for n in model.output_names if n.startswith("scale_"))
-    optimizer = FusedAdamW(1e-3)  # what the engine trains with
+    # FusedAdamW is what the engine trains with; keras_adamw for the before/after comparison
+    optimizer = FusedAdamW(1e-3) if optimizer == "fused_adamw" else keras.optimizers.AdamW(1e-3)
     if policy == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, jit_compile=jit_compile)
@@ -216,9 +217,10 @@ def bench_model(args) -> dict:
     from xsight_keras.inference.predictor import _positions
     from xsight_keras.training.host_memory import keep_freed_memory_in_process
 
-    if not args.glibc_malloc_defaults:  # as the training engine does
+    if not args.glibc_malloc_defaults and not _cuda():  # as the training engine does on CPUs
         keep_freed_memory_in_process()
-    model, scales = _keras_model(args.model, args.data_format, args.policy, args.jit_compile)
+    model, scales = _keras_model(args.model, args.data_format, args.policy, args.jit_compile,
+                                 args.optimizer)
     x, y = _synthetic_batch(args.batch, args.size, 6, args.data_format, scales)
     # on the device already, as the twin's batch is: the step is timed, not the host-to-device copy
     xd, yd = keras.tree.map_structure(keras.ops.convert_to_tensor, (x, y))
@@ -229,13 +231,14 @@ def bench_model(args) -> dict:
     train = interleaved_medians(steps, args.repeats)
     result = {"benchmark": "model", "model": args.model, "data_format": args.data_format,
               "policy": args.policy, "jit_compile": args.jit_compile, "batch": args.batch,
-              "size": args.size, "glibc_malloc_defaults": args.glibc_malloc_defaults,
+              "size": args.size, "optimizer": args.optimizer,
+              "glibc_malloc_defaults": args.glibc_malloc_defaults or _cuda(),
               "train_images_per_s": round(args.batch / train["keras"], 2)}
     if "twin" in train:
         result["twin_train_images_per_s"] = round(args.batch / train["twin"], 2)
         result["train_step_ratio_vs_twin"] = round(train["keras"] / train["twin"], 3)
     if args.train_only:
-        return result
+        return {**result, "train_only": True}
 
     rng = np.random.default_rng(1)
     whole = rng.integers(0, 255, (1000, 1000, 3), dtype=np.uint8)
@@ -293,14 +296,14 @@ def bench_all(args) -> dict:
                             "--batch", str(args.batch)))
         rows.append(run("model", "--model", "progressive_unet", "--data_format", "channels_first",
                         "--policy", policy, "--repeats", str(args.repeats), "--batch", str(args.batch)))
-    # the same train step with glibc's default malloc settings (Keras and twin alike)
-    rows.append(run("model", "--model", "attention_unet", "--data_format", "channels_first",
-                    "--repeats", str(args.repeats), "--batch", str(args.batch), "--train_only",
-                    "--glibc_malloc_defaults"))
+    if not _cuda():  # the same train step with glibc's default malloc (Keras and twin alike)
+        rows.append(run("model", "--model", "attention_unet", "--data_format", "channels_first",
+                        "--repeats", str(args.repeats), "--batch", str(args.batch), "--train_only",
+                        "--glibc_malloc_defaults"))
     loader = run("loader", "--repeats", str(args.repeats), "--batch", str(args.batch))
     memory = run("prepare-memory", "--tiles", str(args.tiles)) if args.tiles else None
     default = next(r for r in rows if r["model"] == "attention_unet" and r["policy"] == "float32"
-                   and r["data_format"] == "channels_first" and not r["glibc_malloc_defaults"])
+                   and r["data_format"] == "channels_first" and not r.get("train_only"))
     consumption = default["train_images_per_s"]
     return {"benchmark": "all", "machine": machine(), "models": rows, "loader": loader,
             "prepare_memory": memory,
@@ -352,6 +355,7 @@ def main(argv=None) -> int:
     p.add_argument("--jit_compile", action="store_true", help="torch.compile the train and predict steps")
     p.add_argument("--no_twin", action="store_true", help="skip the plain-PyTorch comparison")
     p.add_argument("--train_only", action="store_true", help="skip the inference figures")
+    p.add_argument("--optimizer", default="fused_adamw", choices=("fused_adamw", "keras_adamw"))
     p.add_argument("--glibc_malloc_defaults", action="store_true",
                    help="leave glibc's malloc as it is (the engine keeps freed memory in the process)")
     p = sub.add_parser("all")

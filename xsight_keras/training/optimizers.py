@@ -40,6 +40,17 @@ def _same_dense_layout(tensors) -> bool:
     return first.permute(*order).is_contiguous()
 
 
+def _learning_rate_for(learning_rate, device):
+    """The learning rate as the fused kernel takes it: a float on CPUs (free to read there), a
+    float32 tensor on the parameters' device elsewhere (no host read, no stall)."""
+    import torch
+
+    value = getattr(learning_rate, "value", learning_rate)  # a keras.Variable or a tensor
+    if device.type == "cpu" or not isinstance(value, torch.Tensor):
+        return float(keras.ops.convert_to_numpy(value))
+    return value.to(device=device, dtype=torch.float32)
+
+
 class _FusedAdamUpdate:
     """The torch fast path shared by :class:`FusedAdam` and :class:`FusedAdamW`."""
 
@@ -56,14 +67,29 @@ class _FusedAdamUpdate:
             super()._apply_weight_decay(variables)
         # else: the fused kernel decays each parameter before its Adam step, as Keras does
 
+    def _host_step(self) -> float:
+        """``iterations + 1`` as a Python number without a device read on every step: the value
+        is read once, then counted on the host while ``iterations`` changes only by the base
+        optimizer's one increment per ``apply`` (torch's in-place version counter tells); any
+        other change (a restored checkpoint, an ``assign``, gradient accumulation) reads it
+        again. A device read would stall the host until the GPU has finished the backward pass."""
+        value = self.iterations.value
+        key = (id(value), value._version)
+        cached = getattr(self, "_step_cache", None)
+        if cached is not None and key == (cached[0], cached[1] + 1):
+            step = cached[2] + 1.0
+        else:
+            step = float(keras.ops.convert_to_numpy(value)) + 1.0
+        self._step_cache = (key[0], key[1], step)
+        return step
+
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         kernel = self._fused()
         if kernel is None:
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         import torch
 
-        lr = float(keras.ops.convert_to_numpy(learning_rate))
-        step = float(keras.ops.convert_to_numpy(self.iterations)) + 1.0  # Keras' local step
+        step = self._host_step()  # Keras' local step, iterations + 1
         # Keras divides by (sqrt(v) + eps) after folding sqrt(1 - beta_2^t) into the step size;
         # PyTorch by (sqrt(v) / sqrt(1 - beta_2^t) + eps): the same update with this eps.
         eps = self.epsilon / math.sqrt(1.0 - self.beta_2 ** step)
@@ -85,7 +111,8 @@ class _FusedAdamUpdate:
                 items.append(item)
         with torch.no_grad():
             for (device, _, use_decay), (params, grad_list, m, v) in groups.items():
-                steps = [torch.tensor(step, device=device)] * len(params)
+                steps = [torch.full((), step, dtype=torch.float32, device=device)] * len(params)
+                lr = _learning_rate_for(learning_rate, device)
                 kernel(params, grad_list, m, v, [], steps, lr=lr, beta1=self.beta_1,
                        beta2=self.beta_2, weight_decay=decay if use_decay else 0.0, eps=eps,
                        amsgrad=False, maximize=False)
@@ -107,7 +134,6 @@ class FusedAdamW(_FusedAdamUpdate, keras.optimizers.AdamW):
     Per parameter and step, as Keras: ``w ← w·(1 − lr·wd)`` (unless excluded), ``m ← β1·m +
     (1 − β1)·g``, ``v ← β2·v + (1 − β2)·g²``, ``w ← w − lr·√(1 − β2ᵗ)/(1 − β1ᵗ) · m / (√v + ε)``,
     with t = ``iterations + 1``. Gradient clipping, accumulation, loss scaling and Keras' EMA
-    option are the base optimizer's and unchanged. The step count and learning rate are read on
-    the host each step (free on CPUs; one small device read on GPUs). ``amsgrad=True`` and
-    backends other than torch use Keras' own code.
+    option are the base optimizer's and unchanged. No device-to-host read per step (see
+    ``_host_step``). ``amsgrad=True`` and backends other than torch use Keras' own code.
     """
