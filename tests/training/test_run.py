@@ -92,6 +92,7 @@ def test_readme_user_code_example_runs(demo_root):
     """The 'Train from your own code' example of the README, with a tiny model and data."""
     from xsight_keras import (
         ExponentialMovingAverage,
+        FusedAdamW,
         HybridLoss,
         OneCycle,
         SegmentationDataset,
@@ -107,7 +108,7 @@ def test_readme_user_code_example_runs(demo_root):
     model = attention_unet(6, encoder="resnet18", decoder_filters=(16, 16, 8, 8, 8))
     weights = class_weights_from_counts(train_ds.dataset.pixel_counts)
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=OneCycle(1e-3, total_steps=4), global_clipnorm=1.0),
+        optimizer=FusedAdamW(learning_rate=OneCycle(1e-3, total_steps=4), global_clipnorm=1.0),
         loss=HybridLoss(class_weights=weights),
         metrics=segmentation_metrics(train_ds.dataset.class_names),
     )
