@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.viz.plots import plot_run_comparison  # noqa: E402
+from xsight_keras.viz.plots import plot_run_comparison
 
 
 def main(argv=None) -> int:

@@ -15,9 +15,9 @@ import time
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from xsight_keras.models import attention_unet, progressive_unet  # noqa: E402
+from xsight_keras.models import attention_unet, progressive_unet
 
 MODELS = {
     "attention_unet": lambda: attention_unet(6, encoder="resnet34"),
@@ -47,8 +47,8 @@ def main(argv=None) -> int:
         out = model.predict(x, verbose=0)
         elapsed = time.perf_counter() - start
         out = out["fused"] if isinstance(out, dict) else out
-        print(f"{name:32s} {model.count_params():>12,d} {str(x.shape[1:3]):>10s} "
-              f"{str(out.shape[1:]):>16s} {elapsed:>10.2f}")
+        print(f"{name:32s} {model.count_params():>12,d} {x.shape[1:3]!s:>10s} "
+              f"{out.shape[1:]!s:>16s} {elapsed:>10.2f}")
     return 0
 
 

@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.evaluation import evaluate_run  # noqa: E402
+from xsight_keras.evaluation import evaluate_run
 
 
 def main(argv=None) -> int:

@@ -20,24 +20,24 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import json  # noqa: E402
+import json
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import cv2
+import numpy as np
+from tqdm import tqdm
 
-from xsight_keras.data.images import IMAGE_SUFFIXES, read_image  # noqa: E402
-from xsight_keras.data.preprocess import PreprocessConfig  # noqa: E402
-from xsight_keras.inference import Predictor  # noqa: E402
-from xsight_keras.evaluation.evaluate import load_postprocess  # noqa: E402
-from xsight_keras.files import atomic_write_text  # noqa: E402
-from xsight_keras.inference.instances import (  # noqa: E402
+from xsight_keras.data.images import IMAGE_SUFFIXES, read_image
+from xsight_keras.data.preprocess import PreprocessConfig
+from xsight_keras.evaluation.evaluate import load_postprocess
+from xsight_keras.files import atomic_write_text
+from xsight_keras.inference import Predictor
+from xsight_keras.inference.instances import (
     PostprocessConfig,
     instances_to_geojson,
     separate_instances,
 )
-from xsight_keras.inference.predictor import load_model_file  # noqa: E402
-from xsight_keras.viz.plots import overlay  # noqa: E402
+from xsight_keras.inference.predictor import load_model_file
+from xsight_keras.viz.plots import overlay
 
 
 def collect_inputs(inputs) -> list[Path]:

@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.data import (  # noqa: E402
+from xsight_keras.data import (
     prepare_folders,
     prepare_monuseg,
     prepare_pannuke,

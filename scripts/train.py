@@ -21,7 +21,7 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.config import available_presets, load_config, load_run_config  # noqa: E402
+from xsight_keras.config import available_presets, load_config, load_run_config
 
 # flag -> type; booleans take an optional value (--use_swa, --use_swa false)
 FLAGS = {

@@ -16,7 +16,7 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.evaluation.tuning import tune_run  # noqa: E402
+from xsight_keras.evaluation.tuning import tune_run
 
 
 def main(argv=None) -> int:

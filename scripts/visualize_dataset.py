@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.data import PreparedDataset  # noqa: E402
-from xsight_keras.viz.plots import plot_dataset_statistics  # noqa: E402
+from xsight_keras.data import PreparedDataset
+from xsight_keras.viz.plots import plot_dataset_statistics
 
 
 def main(argv=None) -> int:

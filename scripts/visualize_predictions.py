@@ -15,11 +15,11 @@ from pathlib import Path
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from xsight_keras.evaluation.evaluate import run_split  # noqa: E402
-from xsight_keras.inference import Predictor  # noqa: E402
-from xsight_keras.viz.plots import latest_run, plot_prediction_grid, run_class_names  # noqa: E402
+from xsight_keras.evaluation.evaluate import run_split
+from xsight_keras.inference import Predictor
+from xsight_keras.viz.plots import latest_run, plot_prediction_grid, run_class_names
 
 
 def main(argv=None) -> int:

@@ -9,7 +9,14 @@ from xsight_keras._backend import ensure_default_backend
 
 ensure_default_backend()
 
-from xsight_keras.models import (  # noqa: E402
+from xsight_keras.data import (
+    PreparedDataset,
+    PreprocessConfig,
+    SegmentationDataset,
+    make_loader,
+    preprocess_image,
+)
+from xsight_keras.models import (
     SpatialSizeCheck,
     attention_unet,
     grow,
@@ -18,15 +25,7 @@ from xsight_keras.models import (  # noqa: E402
     resnet_encoder,
     transfer_weights,
 )
-
-from xsight_keras.data import (  # noqa: E402
-    PreparedDataset,
-    PreprocessConfig,
-    SegmentationDataset,
-    make_loader,
-    preprocess_image,
-)
-from xsight_keras.training import (  # noqa: E402
+from xsight_keras.training import (
     BCEDiceLoss,
     BestCheckpoint,
     BoundaryLoss,
@@ -65,24 +64,24 @@ __all__ = [
     "PreprocessConfig",
     "SegmentationDataset",
     "SegmentationScore",
+    "SoftDiceLoss",
+    "SpatialSizeCheck",
+    "StochasticWeightAveraging",
     "SyncLoaderEpoch",
+    "WarmupCosine",
+    "__version__",
+    "attention_unet",
+    "class_weights_from_counts",
+    "grow",
+    "inference_view",
     "init_distributed",
     "install_data_parallel",
-    "SoftDiceLoss",
-    "StochasticWeightAveraging",
-    "WarmupCosine",
-    "class_weights_from_counts",
     "make_loader",
     "multiscale_losses",
     "preprocess_image",
-    "segmentation_metrics",
-    "update_batch_norm",
-    "SpatialSizeCheck",
-    "__version__",
-    "attention_unet",
-    "grow",
-    "inference_view",
     "progressive_unet",
     "resnet_encoder",
+    "segmentation_metrics",
     "transfer_weights",
+    "update_batch_norm",
 ]

@@ -75,7 +75,7 @@ def test_killed_run_resumes_to_the_same_end(setup):
     resumed = subprocess.run([sys.executable, TRAIN, "--resume", str(killed)], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     whole = root / "outputs" / "whole"
-    rows = lambda run: (run / "history.csv").read_text().strip().splitlines()  # noqa: E731
+    rows = lambda run: (run / "history.csv").read_text().strip().splitlines()
     assert len(rows(killed)) == len(rows(whole)) == 5  # header + 4 epochs, no duplicate row
     for a, b in zip(final_weights(whole), final_weights(killed)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -118,7 +118,7 @@ def test_progressive_unet_killed_in_stage_2_resumes_to_the_same_end(setup, tmp_p
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     whole = tmp_path / "out" / "whole"
     for stage in (1, 2, 3):
-        lines = lambda run: (run / f"history_stage_{stage}.csv").read_text().strip().splitlines()  # noqa: E731
+        lines = lambda run: (run / f"history_stage_{stage}.csv").read_text().strip().splitlines()
         assert len(lines(killed)) == len(lines(whole)) == 4
     for a, b in zip(final_weights(whole), final_weights(killed)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

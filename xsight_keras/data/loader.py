@@ -14,7 +14,7 @@ RGB image, as it expects; the network always sees the same normalisation as at i
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import cv2
 import numpy as np
@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xsight_keras.data.augment import augment_sample, build_augmentation, mixup
-from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
 from xsight_keras.data.prepared import PreparedDataset
+from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
 
 TARGET_KINDS = ("onehot", "sparse", "binary")
 

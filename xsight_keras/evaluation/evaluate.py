@@ -9,8 +9,12 @@ import numpy as np
 from tqdm import tqdm
 
 from xsight_keras.data.prepared import PreparedDataset
-from xsight_keras.evaluation.pixel_metrics import confusion_matrix, scores_from_confusion, write_report
 from xsight_keras.evaluation.instance_metrics import dataset_scores, image_scores
+from xsight_keras.evaluation.pixel_metrics import (
+    confusion_matrix,
+    scores_from_confusion,
+    write_report,
+)
 from xsight_keras.inference.predictor import Predictor
 
 

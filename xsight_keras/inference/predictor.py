@@ -111,7 +111,7 @@ class Predictor:
         self._windows: dict = {}
 
     @classmethod
-    def from_run(cls, run_dir, model_path=None, **kwargs) -> "Predictor":
+    def from_run(cls, run_dir, model_path=None, **kwargs) -> Predictor:
         """A predictor with a run's best checkpoint (or ``model_path``) and its preprocessing."""
         run_dir = Path(run_dir)
         config_path = run_dir / "config.json"
