@@ -39,6 +39,24 @@ _TORCH_KERNEL_ORDER = (3, 2, 0, 1)  # (kh, kw, in, out) -> (out, in, kh, kw)
 _KERAS_KERNEL_ORDER = (2, 3, 1, 0)  # and back
 
 
+def in_memory_order(tensor):
+    """A view of the torch ``tensor`` with its dimensions sorted by stride, largest first: a
+    contiguous tensor for any dense layout (a kernel stored in PyTorch's order included), so it
+    can be flattened, sent through a collective or walked by a fused kernel without a copy.
+    Same elements, no data moved; ``tensor`` itself when it is already contiguous."""
+    if tensor.is_contiguous():
+        return tensor
+    return tensor.permute(*sorted(range(tensor.ndim), key=lambda d: -tensor.stride(d)))
+
+
+def _replace_tensor(variable, tensor) -> None:
+    """Make ``tensor`` (same shape and values, another memory layout) the torch tensor behind
+    the Keras ``variable``. Keras' torch ``Variable`` reuses a ``Parameter`` it is given as is."""
+    import torch
+
+    variable._value = torch.nn.Parameter(tensor, requires_grad=variable._value.requires_grad)
+
+
 def store_kernel_in_torch_order(variable) -> bool:
     """Lay a 4-D Keras kernel variable out in memory in PyTorch's (out, in, kh, kw) order.
 
@@ -52,16 +70,13 @@ def store_kernel_in_torch_order(variable) -> bool:
     """
     if keras.backend.backend() != "torch" or len(variable.shape) != 4:
         return False
-    import torch
-
     value = getattr(variable, "_value", None)
     if value is None or value.device.type == "meta":
         return False
     torch_order = value.detach().permute(*_TORCH_KERNEL_ORDER)
     if torch_order.is_contiguous():
         return False
-    laid_out = torch_order.contiguous().permute(*_KERAS_KERNEL_ORDER)
-    variable._value = torch.nn.Parameter(laid_out, requires_grad=value.requires_grad)
+    _replace_tensor(variable, torch_order.contiguous().permute(*_KERAS_KERNEL_ORDER))
     return True
 
 
@@ -75,9 +90,9 @@ def match_optimizer_layout(optimizer, variables) -> int:
     U-Net on the CPU); with matching layouts those updates are plain contiguous loops. Values are
     unchanged. ``optimizer`` must be built; a no-op on backends other than torch. The engine's
     optimizers (:class:`~xsight_keras.training.optimizers.FusedAdamW`) call it when they are
-    built; call it yourself after ``optimizer.build(model.trainable_variables)`` for Keras'
-    own optimizers. Slots are matched to variables by Keras' slot naming (``{variable.path}_{slot}``, ``/`` as
-    ``_``) and shape.
+    built; call it yourself after ``optimizer.build(model.trainable_variables)`` for Keras' own
+    optimizers. Slots are matched to variables by Keras' slot naming (``{variable.path}_{slot}``
+    with ``/`` as ``_``) and shape.
     """
     if keras.backend.backend() != "torch" or not optimizer.built:
         return 0
@@ -101,8 +116,7 @@ def match_optimizer_layout(optimizer, variables) -> int:
         if value.stride() == target.stride():
             continue
         laid_out = torch.empty_like(target, dtype=value.dtype)  # same strides as the variable
-        laid_out.copy_(value.detach())
-        slot._value = torch.nn.Parameter(laid_out, requires_grad=value.requires_grad)
+        _replace_tensor(slot, laid_out.copy_(value.detach()))
         changed += 1
     return changed
 

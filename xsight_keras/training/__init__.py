@@ -33,7 +33,8 @@ from xsight_keras.training.state import SyncLoaderEpoch
 
 __all__ = [
     "BCEDiceLoss", "BestCheckpoint", "BoundaryLoss", "DistributedContext",
-    "ExponentialMovingAverage", "FocalLoss", "FusedAdam", "FusedAdamW", "HybridLoss", "InstanceLoss", "OneCycle",
+    "ExponentialMovingAverage", "FocalLoss", "FusedAdam", "FusedAdamW", "HybridLoss",
+    "InstanceLoss", "OneCycle",
     "ScheduleLogger", "SegmentationScore", "SoftDiceLoss", "StochasticWeightAveraging",
     "SyncLoaderEpoch", "TensorBoardLogger", "WarmupCosine", "class_weights_from_counts",
     "init_distributed", "install_data_parallel", "multiscale_losses", "plot_history",

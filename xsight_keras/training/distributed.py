@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from xsight_keras.models.fused_layers import in_memory_order
+
 #: All-reduce bucket size (bytes), as PyTorch DDP's default ``bucket_cap_mb``.
 BUCKET_BYTES = 25 * 2**20
 
@@ -140,24 +142,16 @@ def _buckets(tensors, limit=BUCKET_BYTES):
         yield bucket
 
 
-def _in_memory_order(t):
-    """A view of ``t`` with its dimensions in memory order: contiguous for any dense tensor,
-    including kernels stored in PyTorch's order, so flattening and writing back never copy
-    element by element out of order."""
-    if t.is_contiguous():
-        return t
-    return t.permute(*sorted(range(t.ndim), key=lambda d: -t.stride(d)))
-
-
 def all_reduce_(tensors, world_size: int, mean: bool = True) -> None:
     """Sum (``mean``: average) ``tensors`` in place over all ranks, flattened into buckets of
     ``BUCKET_BYTES`` (few large messages instead of one per tensor). Every rank gets the same
-    bytes back (all ranks hold the same layouts, so memory order is the same everywhere)."""
+    bytes back. Tensors are flattened in memory order (:func:`in_memory_order`: no element-wise
+    copies for kernels stored in PyTorch's order); all ranks hold the same layouts."""
     import torch
     import torch.distributed as dist
 
     pending = []
-    tensors = [_in_memory_order(t) for t in tensors]
+    tensors = [in_memory_order(t) for t in tensors]
     for bucket in _buckets(tensors):
         flat = torch.cat([t.reshape(-1) for t in bucket])
         pending.append((bucket, flat, dist.all_reduce(flat, async_op=True)))
@@ -179,7 +173,7 @@ def broadcast_variables(model: keras.Model, context: DistributedContext | None =
     import torch.distributed as dist
 
     for v in model.variables:  # collectives need contiguous tensors: memory-order views are
-        dist.broadcast(_in_memory_order(v.value.data), src=0)
+        dist.broadcast(in_memory_order(v.value.data), src=0)
 
 
 def _synced_statistics(model: keras.Model):

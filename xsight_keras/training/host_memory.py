@@ -4,11 +4,12 @@ A training step allocates and frees the same few hundred activation tensors ever
 glibc's default settings every buffer above the dynamic mmap threshold (at most 32 MB) is a fresh
 ``mmap`` and is handed back to the kernel when freed, and memory at the top of the heap is
 trimmed; the next step page-faults all of it in again, zero-filled. Measured on the development
-CPU (Attention U-Net ResNet34, batch 4 at 256²): 25,000–125,000 minor page faults and 0.07–0.27 s
-of kernel time per step, more for the Keras model than for the same network in plain PyTorch,
-because Keras keeps every intermediate tensor of a Functional forward pass alive until the pass
-ends. Keeping freed memory in the process removes nearly all of them (PyTorch's CPU performance
-guide suggests jemalloc or tcmalloc for the same reason; this needs no extra library).
+CPU (Attention U-Net ResNet34, batch 4 at 256²): 70,000–84,000 minor page faults and 0.14–0.19 s
+of kernel time per step for the Keras model, 25,000–34,000 and 0.07–0.09 s for the same network
+in plain PyTorch: Keras keeps every intermediate tensor of a Functional forward pass alive until
+the pass ends, so it allocates more afresh. Keeping freed memory in the process removes nearly
+all of them (PyTorch's CPU performance guide suggests jemalloc or tcmalloc for the same reason;
+this needs no extra library).
 """
 
 from __future__ import annotations
