@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 
+import shutil
+
 import keras
 import pytest
 
@@ -23,6 +25,32 @@ def data_format(request):
     return request.param
 
 
-def to_format(x, data_format):
-    """NHWC numpy array -> the layout of ``data_format``."""
-    return x if data_format == "channels_last" else x.transpose(0, 3, 1, 2)
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """The synthetic demo set, written once per session: 256 px tiles, train 8 / valid 4 /
+    test 3, seed 0. Read-only: a test that damages data writes its own copy."""
+    from xsight_keras.data import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo_data")
+    write_demo_dataset(root, {"train": 8, "valid": 4, "test": 3}, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_data, tmp_path_factory):
+    """One tiny demo run trained once per session (1 epoch, 64 px, TTA validation).
+    Read-only: tests that write into a run use :func:`run_copy`."""
+    from xsight_keras.config import load_config
+    from xsight_keras.training.run import train
+
+    config = load_config("demo", overrides={
+        "data_root": str(demo_data), "output_dir": str(tmp_path_factory.mktemp("runs")),
+        "experiment_name": "tiny", "epochs": 1, "batch_size": 4, "input_size": 64, "val_size": 64,
+        "tta_val": True, "decoder_filters": "16,16,8,8,8"})
+    return train(config).run_dir
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    """A private copy of :func:`trained_run` that a test may write into."""
+    return shutil.copytree(trained_run, tmp_path / trained_run.name)

@@ -5,17 +5,13 @@ One row per case: (name, entry point, argv builder, expected exit status, messag
 
 import importlib.util
 import re
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from tests.data.test_monuseg import XML, region
-from tests.data.test_pannuke import write_fold
+from tests.helpers import ROOT, XML, region, write_fold
 from xsight_keras.data import write_demo_dataset
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def script(name):

@@ -1,9 +1,9 @@
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from tests.helpers import SHARED_DATA, XML, region, write_pair
 from xsight_keras.data import (
     PreparedDataset,
     find_monuseg_pairs,
@@ -12,27 +12,7 @@ from xsight_keras.data import (
     read_monuseg_sample,
 )
 
-SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "monuseg-sample"
-
-XML = """<?xml version="1.0"?>
-<Annotations MicronsPerPixel="0.25">
- <Annotation Id="1"><Regions>
-  {regions}
- </Regions></Annotation>
-</Annotations>"""
-
-
-def region(rid, points):
-    vertices = "".join(f'<Vertex X="{x}" Y="{y}"/>' for x, y in points)
-    return f'<Region Id="{rid}"><Attributes/><Vertices>{vertices}</Vertices></Region>'
-
-
-def write_pair(folder: Path, stem: str, regions, size=(40, 50)):
-    folder.mkdir(parents=True, exist_ok=True)
-    image = np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)
-    cv2.imwrite(str(folder / f"{stem}.tif"), image)
-    (folder / f"{stem}.xml").write_text(XML.format(regions="\n".join(regions)))
-    return image
+SAMPLE = SHARED_DATA / "monuseg-sample"
 
 
 def test_polygons_fill_instances_later_ones_win_and_are_clipped(tmp_path):

@@ -3,31 +3,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.helpers import write_fold
 from xsight_keras.data import PreparedDataset, find_pannuke_folds, masks_to_maps, prepare_pannuke
-
-
-def write_fold(root, folder, fold, n=3, size=32, images_dtype=np.float64):
-    """A PanNuke fold in the real layout: float images, 6-channel float masks, tissue names."""
-    img_dir = root / folder / "images" / f"fold{fold}"
-    mask_dir = root / folder / "masks" / f"fold{fold}"
-    img_dir.mkdir(parents=True)
-    mask_dir.mkdir(parents=True)
-    rng = np.random.default_rng(fold)
-    images = rng.uniform(0, 255, size=(n, size, size, 3)).astype(images_dtype)
-    masks = np.zeros((n, size, size, 6), np.float64)
-    # tile 0: neoplastic id 5, inflammatory id 3, dead id 5 (same id, other channel), epithelial 12
-    masks[0, 2:6, 2:6, 0] = 5
-    masks[0, 10:14, 10:12, 1] = 3
-    masks[0, 20:22, 20:25, 3] = 5
-    masks[0, 25:30, 2:4, 4] = 12
-    masks[0, 25:30, 5:7, 4] = 40  # a second epithelial nucleus
-    # tile 1: no nucleus; tile 2: one connective nucleus covering a corner
-    masks[2, :8, :8, 2] = 7
-    masks[..., 5] = (masks[..., :5].sum(-1) == 0)
-    np.save(img_dir / "images.npy", images)
-    np.save(mask_dir / "masks.npy", masks)
-    np.save(img_dir / "types.npy", np.array(["Breast", "Colon", "Lung"][:n]))
-    return images, masks
 
 
 @pytest.fixture

@@ -8,14 +8,12 @@ import keras
 import numpy as np
 import pytest
 
-from xsight_keras.config import load_config
-from xsight_keras.data import PreparedDataset, PreprocessConfig, write_demo_dataset
+from tests.helpers import ROOT
+from xsight_keras.data import PreparedDataset, PreprocessConfig
 from xsight_keras.evaluation import confusion_matrix, scores_from_confusion
 from xsight_keras.inference import Predictor, apply_transform, invert_transform, parse_transforms
-from xsight_keras.training.run import train
 from xsight_keras.viz import plot_dataset_statistics, plot_run_comparison
 
-ROOT = Path(__file__).resolve().parents[2]
 RAW = PreprocessConfig(clahe_clip_limit=0, zscore="none")
 
 
@@ -86,24 +84,13 @@ def test_scores_from_confusion_by_hand():
     assert scores["iou"]["a"] == pytest.approx(0.5) and scores["pixel_accuracy"] == 0.75
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    write_demo_dataset(root / "data", {"train": 8, "valid": 4, "test": 3}, seed=0)
-    config = load_config("demo", overrides={
-        "data_root": str(root / "data"), "output_dir": str(root / "outputs"), "experiment_name": "tiny",
-        "epochs": 1, "batch_size": 4, "input_size": 64, "val_size": 64, "tta_val": True,
-        "decoder_filters": "16,16,8,8,8"})
-    result = train(config)
-    return result.run_dir
-
-
 def test_training_with_tta_validation_logs_tta_scores(trained_run):
     header = (trained_run / "history.csv").read_text().splitlines()[0]
     assert "val_tta_mean_fg_dice" in header and "val_tta_dice_dead" in header
 
 
-def test_evaluate_script_writes_reports_with_and_without_tta(trained_run):
+def test_evaluate_script_writes_reports_with_and_without_tta(run_copy):
+    trained_run = run_copy
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--run",
                            str(trained_run), "--split", "test", "--tta"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -143,7 +130,8 @@ def test_predict_script_writes_maps_and_lists_unreadable_files(trained_run, tmp_
     assert len(geojson["features"]) == len(np.unique(nuclei)) - 1 or len(geojson["features"]) <= nuclei.max()
 
 
-def test_tuning_writes_postprocess_settings_used_by_evaluation(trained_run):
+def test_tuning_writes_postprocess_settings_used_by_evaluation(run_copy):
+    trained_run = run_copy
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_postprocessing.py"), "--run",
                            str(trained_run), "--limit", "2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -153,7 +141,8 @@ def test_tuning_writes_postprocess_settings_used_by_evaluation(trained_run):
     assert len(search["trials"]) == 5 * 3  # no instance head: the contour threshold is not searched
 
 
-def test_plots_are_written_with_the_expected_size(trained_run, tmp_path):
+def test_plots_are_written_with_the_expected_size(run_copy, tmp_path):
+    trained_run = run_copy
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "visualize_predictions.py"),
                            "--output_dir", str(trained_run.parent), "--n", "2"],
                           capture_output=True, text=True)

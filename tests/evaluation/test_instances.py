@@ -4,7 +4,6 @@ import keras
 import numpy as np
 import pytest
 
-from xsight_keras.data import write_demo_dataset
 from xsight_keras.data.demo import demo_tile
 from xsight_keras.data.loader import SegmentationDataset
 from xsight_keras.evaluation.instance_metrics import panoptic_quality
@@ -86,15 +85,14 @@ def test_models_gain_an_instance_output(family):
     assert 0 <= out["instance"].min() and out["instance"].max() <= 1
 
 
-def test_instance_loss_and_targets_from_the_loader(tmp_path):
+def test_instance_loss_and_targets_from_the_loader(demo_data):
     inst = two_touching_disks()[None]
     t = instance_targets(inst[0])[None]
     assert float(InstanceLoss()(t, t)) < 0.01
     assert float(InstanceLoss()(t, np.full_like(t, 0.5))) > 0.5
     again = keras.losses.deserialize(keras.losses.serialize(InstanceLoss(2.0, 0.5)))
     assert again.get_config()["distance_weight"] == 2.0
-    paths = write_demo_dataset(tmp_path, {"train": 2}, seed=0)
-    ds = SegmentationDataset(paths["train"], size=64, level=1, instance_targets=True)
+    ds = SegmentationDataset(demo_data / "train", size=64, level=1, instance_targets=True)
     x, y = ds.sample(0, 0)
     assert sorted(y) == ["instance", "semantic"] and y["instance"].shape == (64, 64, 2)
     assert y["semantic"].shape == (64, 64, 6)

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.conftest import to_format
+from tests.helpers import to_format
 from xsight_keras.models import attention_unet
 
 SMALL_DECODER = (32, 16, 16, 8, 8)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import to_format
+from tests.helpers import to_format
 from tests.models.torch_resnet import make_torch_resnet
 from xsight_keras.models import encoder_channels, find_imagenet_checkpoint, resnet_encoder
 

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.conftest import to_format
+from tests.helpers import to_format
 from xsight_keras.models import STAGE_RESOLUTIONS, grow, inference_view, progressive_unet
 
 

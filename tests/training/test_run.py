@@ -1,29 +1,19 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 
+from tests.helpers import ROOT
 from xsight_keras.config import load_config
-from xsight_keras.data import write_demo_dataset
 from xsight_keras.training.run import DataNotFoundError, train
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    write_demo_dataset(root, {"train": 8, "valid": 4}, seed=0)
-    return root
-
-
-def test_attention_unet_run_writes_every_artefact(demo_root, tmp_path):
+def test_attention_unet_run_writes_every_artefact(demo_data, tmp_path):
     config = load_config("demo", overrides={
-        "data_root": str(demo_root), "output_dir": str(tmp_path), "experiment_name": "tiny",
+        "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": "tiny",
         "epochs": 2, "batch_size": 4, "progressive": True, "size_schedule": "0:32,1:64", "val_size": 64,
         "decoder_filters": "16,16,8,8,8", "use_ema": True, "use_swa": True, "swa_start_epoch": 1,
         "boundary_weight": 0.5, "mixup_alpha": 0.2, "aug_schedule": "0:0,1:2",
@@ -49,9 +39,9 @@ def test_attention_unet_run_writes_every_artefact(demo_root, tmp_path):
         train(config)
 
 
-def test_progressive_unet_run_goes_through_all_four_stages(demo_root, tmp_path):
+def test_progressive_unet_run_goes_through_all_four_stages(demo_data, tmp_path):
     config = load_config("papsmear", overrides={
-        "data_root": str(demo_root), "output_dir": str(tmp_path), "experiment_name": "pgu",
+        "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": "pgu",
         "epochs_per_stage": 1, "base_filters": 4, "batch_sizes": "32:4,64:4,128:4,256:4",
     })
     result = train(config)
@@ -88,7 +78,7 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     assert config.epochs == 3 and config.use_swa is False and config.use_ema is True
 
 
-def test_readme_user_code_example_runs(demo_root):
+def test_readme_user_code_example_runs(demo_data):
     """The 'Train from your own code' example of the README, with a tiny model and data."""
     from xsight_keras import (
         ExponentialMovingAverage,
@@ -103,8 +93,8 @@ def test_readme_user_code_example_runs(demo_root):
         segmentation_metrics,
     )
 
-    train_ds = SegmentationDataset(demo_root / "train", size=64, level=1)
-    val_ds = SegmentationDataset(demo_root / "valid", size=64, train=False)
+    train_ds = SegmentationDataset(demo_data / "train", size=64, level=1)
+    val_ds = SegmentationDataset(demo_data / "valid", size=64, train=False)
     model = attention_unet(6, encoder="resnet18", decoder_filters=(16, 16, 8, 8, 8))
     weights = class_weights_from_counts(train_ds.dataset.pixel_counts)
     model.compile(
@@ -128,10 +118,10 @@ def test_mixed_precision_policy_follows_the_device():
     assert select_precision(load_config("demo")) == "float32"
 
 
-def test_train_leaves_keras_global_settings_as_it_found_them(demo_root, tmp_path):
+def test_train_leaves_keras_global_settings_as_it_found_them(demo_data, tmp_path):
     keras.config.set_image_data_format("channels_last")
     config = load_config("demo", overrides={
-        "data_root": str(demo_root), "output_dir": str(tmp_path), "experiment_name": "g",
+        "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": "g",
         "epochs": 1, "batch_size": 4, "input_size": 32, "val_size": 32, "steps_per_epoch": 1,
         "decoder_filters": "8,8,8,8,8", "data_format": "channels_first", "use_mixed_precision": True})
     train(config)
@@ -139,9 +129,9 @@ def test_train_leaves_keras_global_settings_as_it_found_them(demo_root, tmp_path
     assert keras.config.dtype_policy().name == "float32"
 
 
-def test_run_with_an_instance_head_trains_both_outputs(demo_root, tmp_path):
+def test_run_with_an_instance_head_trains_both_outputs(demo_data, tmp_path):
     config = load_config("demo", overrides={
-        "data_root": str(demo_root), "output_dir": str(tmp_path), "experiment_name": "inst",
+        "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": "inst",
         "epochs": 1, "batch_size": 4, "input_size": 32, "val_size": 32, "instance_head": True,
         "decoder_filters": "8,8,8,8,8"})
     result = train(config)
