@@ -2,6 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
+from tests.helpers import SHARED_DATA
 from xsight_keras.data import (
     PreparedDataset,
     demo_tile,
@@ -9,6 +10,7 @@ from xsight_keras.data import (
     prepare_folders,
     write_demo_dataset,
 )
+from xsight_keras.data.folders import is_augmented_copy, read_binary_mask, read_folder_sample
 
 
 def write(path, array):
@@ -86,3 +88,73 @@ def test_demo_set_is_deterministic_has_all_classes_and_touching_nuclei(tmp_path)
     assert touching > 0
     nuclei_size = {c: ds.pixel_counts[c] / ds.instance_counts[c] for c in range(1, 6)}
     assert nuclei_size[1] > nuclei_size[5] > nuclei_size[2]  # neoplastic > epithelial > inflammatory
+
+
+def test_mask_reader_thresholds_soft_edges_and_refuses_grey_pictures(tmp_path):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 10:30] = 255
+    mask[9, 10:30], mask[30, 10:30] = 100, 200  # soft edges: below and above the threshold
+    mask[10:30, 9], mask[10:30, 30] = 127, 128
+    write(tmp_path / "soft.png", mask)
+    np.testing.assert_array_equal(read_binary_mask(tmp_path / "soft.png"), mask >= 128)
+    # the same mask through JPEG compression (ringing around the edges) reads back almost exactly
+    write(tmp_path / "soft.jpg", np.where(mask >= 128, 255, 0).astype(np.uint8))
+    jpeg = read_binary_mask(tmp_path / "soft.jpg")
+    assert set(np.unique(jpeg)) == {0, 1} and np.mean(jpeg != (mask >= 128)) < 0.005
+    # a grey-level picture is not a mask
+    picture = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8) * 2
+    write(tmp_path / "picture.png", picture)
+    with pytest.raises(ValueError, match=r"picture\.png: \d+% of pixels are neither near 0 nor"):
+        read_binary_mask(tmp_path / "picture.png")
+    # grey patches away from any mask edge (3 % of the pixels) are not compression noise
+    stray = np.where(mask >= 128, 255, 0).astype(np.uint8)
+    stray[45:56, 45:56] = 90
+    write(tmp_path / "stray.png", stray)
+    with pytest.raises(ValueError, match=r"stray\.png: .*away from the mask's edges"):
+        read_binary_mask(tmp_path / "stray.png")
+
+
+def test_nuclei_are_8_connected_components_of_the_mask(tmp_path):
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:5, 2:5] = 255
+    mask[5:8, 5:8] = 255    # touches the first block only at a corner: the same nucleus
+    mask[2:5, 10:13] = 255  # one empty column away from the next block: two nuclei
+    mask[2:5, 14:17] = 255
+    write(tmp_path / "images" / "a.png", np.zeros((20, 20, 3), np.uint8))
+    write(tmp_path / "masks" / "a.png", mask)
+    _, classes, instances = read_folder_sample(tmp_path / "images" / "a.png", tmp_path / "masks" / "a.png")
+    assert instances.max() == 3
+    assert instances[3, 3] == instances[6, 6] != 0
+    assert len({instances[3, 3], instances[3, 11], instances[3, 15]}) == 3
+    np.testing.assert_array_equal(classes, (mask > 0).astype(np.uint8))
+
+
+def test_every_pre_augmented_prefix_is_recognised():
+    for name in ("flipped_a.png", "mirrored_a.png", "rotated_30_a.jpg", "rotated_-45_a.jpg",
+                 "rotated_22.5_a.png"):
+        assert is_augmented_copy(name), name
+    for name in ("a.png", "unflipped_a.png", "a_mirrored_.png", "rotated_a.png", "mirrored.png"):
+        assert not is_augmented_copy(name), name
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "papsmear").is_dir(), reason="shared Pap-smear set not present")
+def test_real_papsmear_folders_with_jpeg_masks(tmp_path):
+    """The real Pap-smear set (JPEG images and masks, soft mask edges, pre-augmented copies)."""
+    src = SHARED_DATA / "papsmear"
+    written = prepare_folders(src, tmp_path, progress=False)
+    assert [p.name for p in written] == ["train", "valid"]
+    train, valid = PreparedDataset(written[0]), PreparedDataset(written[1])
+    assert (len(train), len(valid)) == (165, 25)  # originals only: no prefixed copy
+    assert len(find_folder_pairs(src / "valid", use_augmented=True)) == 384
+    for ds in (train, valid):
+        share = ds.pixel_counts[1] / ds.pixel_counts.sum()
+        assert 0.05 < share < 0.5, share  # one nucleus per crop, a plausible part of it
+        assert ds.instance_counts[1] >= len(ds)
+    # a mirrored copy's mask is its original's mask mirrored left–right, after JPEG noise
+    masks = src / "valid" / "masks"
+    pairs = [(masks / p.name.removeprefix("mirrored_"), p) for p in sorted(masks.glob("mirrored_*"))
+             if (masks / p.name.removeprefix("mirrored_")).is_file()]
+    assert pairs
+    for original, mirrored in pairs:
+        a, b = np.fliplr(read_binary_mask(original)), read_binary_mask(mirrored)
+        assert np.sum(a & b) / np.sum(a | b) > 0.95, mirrored.name
