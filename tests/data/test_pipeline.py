@@ -1,6 +1,8 @@
+import cv2
 import keras
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from xsight_keras.data import (
     EpochBatchSampler,
@@ -31,25 +33,87 @@ def test_preprocess_gives_zero_mean_unit_std_and_dataset_mode():
         PreprocessConfig(zscore="dataset")
 
 
-@pytest.mark.parametrize("level", [1, 2, 3, 4])
-def test_augmentation_keeps_masks_aligned_with_the_image(level):
-    rng = np.random.default_rng(level)
-    classes = np.zeros((128, 128), np.uint8)
-    instances = np.zeros((128, 128), np.int32)
+def low_contrast_tissue(seed=0, size=128):
+    """A pale H&E-like RGB uint8 image: pink background, slightly darker purple nuclei, noise;
+    the lightness spans a narrow band, as in a faded or under-stained slide."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    image = np.ones((size, size, 3)) * [200, 170, 190]
+    for _ in range(20):
+        cy, cx = rng.integers(10, size - 10, 2)
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = [185, 155, 180]
+    image += rng.normal(0, 2, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def local_contrast(lightness, tile=16):
+    """Mean standard deviation of ``lightness`` over tile × tile windows."""
+    h, w = lightness.shape
+    return np.mean([lightness[r:r + tile, c:c + tile].std()
+                    for r in range(0, h, tile) for c in range(0, w, tile)])
+
+
+def test_clahe_raises_local_contrast_on_lightness_only():
+    image = low_contrast_tissue()
+    plain = preprocess_image(image, PreprocessConfig(clahe_clip_limit=0, zscore="none"))
+    clahe = preprocess_image(image, PreprocessConfig(clahe_clip_limit=2.0, zscore="none"))
+    np.testing.assert_array_equal(np.rint(plain * 255).astype(np.uint8), image)  # 0 = CLAHE off
+    lab_in = cv2.cvtColor(image, cv2.COLOR_RGB2LAB).astype(int)
+    lab_out = cv2.cvtColor(np.rint(clahe * 255).astype(np.uint8), cv2.COLOR_RGB2LAB).astype(int)
+    assert local_contrast(lab_out[..., 0]) > 1.5 * local_contrast(lab_in[..., 0])
+    # the hue is kept: CIE-Lab a and b move by rounding at most
+    ab_change = np.abs(lab_out[..., 1:] - lab_in[..., 1:])
+    assert ab_change.max() <= 2 and ab_change.mean() < 0.05, (ab_change.max(), ab_change.mean())
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
+    gray_out = preprocess_image(gray, PreprocessConfig(clahe_clip_limit=2.0, zscore="none"))
+    assert gray_out.shape == gray.shape
+    assert local_contrast(gray_out[..., 0] * 255) > 1.5 * local_contrast(gray[..., 0].astype(float))
+
+
+def boxes_scene(seed, size=128):
+    """Twelve 10×14 nuclei (classes 1–5, ids 1–12) as bright boxes on a dark image; nuclei
+    cover about 10 % of the pixels, as in H&E tiles."""
+    rng = np.random.default_rng(seed)
+    classes = np.zeros((size, size), np.uint8)
+    instances = np.zeros((size, size), np.int32)
     for k in range(12):
-        y, x = rng.integers(8, 112, 2)
+        y, x = rng.integers(8, size - 16, 2)
         classes[y:y + 10, x:x + 14] = 1 + k % 5
         instances[y:y + 10, x:x + 14] = k + 1
     image = np.where(classes[..., None] > 0, 230, 20).astype(np.uint8).repeat(3, -1)
+    return image, classes, instances
+
+
+def foreground_agreement(image, foreground):
+    """IoU of the image's bright pixels (Otsu threshold, robust to colour jitter) and
+    ``foreground``, not counting disagreements within 1 px of the mask's border (interpolated
+    image edges, blur)."""
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    bright = cv2.threshold(gray, 0, 1, cv2.THRESH_BINARY + cv2.THRESH_OTSU)[1] > 0
+    band = ndimage.binary_dilation(foreground) & ~ndimage.binary_erosion(foreground)
+    disagree = (bright != foreground) & ~band
+    return 1 - disagree.sum() / (bright | foreground).sum()
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+def test_augmentation_keeps_masks_aligned_with_the_image(level):
+    image, classes, instances = boxes_scene(level)
     aug = build_augmentation(level)
-    for seed in range(5):
+    moved = 0
+    for seed in range(8):
         out, (c, i) = augment_sample(aug, image, [classes, instances], seed)
         assert out.shape == image.shape and c.dtype == np.uint8 and i.dtype == np.int32
         assert set(np.unique(c)) <= set(np.unique(classes))  # nearest neighbour: no new labels
         assert set(np.unique(i)) <= set(np.unique(instances))
-        bright = out.mean(-1) > 125
-        disagree = np.mean(bright != (c > 0))
-        assert disagree < 0.03, (level, seed, disagree)
+        np.testing.assert_array_equal(c > 0, i > 0)  # the two maps move together
+        kinds = {(int(a), int(b)) for a, b in zip(i[i > 0], c[i > 0])}
+        assert len(kinds) == len({a for a, _ in kinds})  # each nucleus keeps one class
+        fg = c > 0
+        moved += not np.array_equal(fg, classes > 0)
+        assert foreground_agreement(out, fg) > 0.97, (level, seed)
+        # the measure is strict enough to see a 2 px misalignment of every nucleus
+        assert foreground_agreement(out, np.roll(fg, 2, axis=1)) < 0.95, (level, seed)
+    assert moved >= 4  # the geometry really changed in most draws
     again, _ = augment_sample(aug, image, [classes, instances], 3)
     np.testing.assert_array_equal(augment_sample(aug, image, [classes, instances], 3)[0], again)
 
@@ -146,3 +210,38 @@ def test_hed_jitter_is_exact_at_identity_and_moves_the_haematoxylin_stain():
     nucleus = np.full((8, 8, 3), (92, 40, 120), np.uint8)  # haematoxylin-rich purple
     stronger = hed_jitter(nucleus, [1.3, 1, 1], [0, 0, 0])
     assert stronger.mean() < nucleus.mean()  # more stain absorbs more light
+
+
+def test_instance_targets_follow_the_augmented_maps(demo_data):
+    """The instance head's targets are computed after augmentation: every nucleus pixel of the
+    (augmented) semantic target, and no other, has a distance or contour target, and the
+    distance peaks at 1 in the nuclei (a piece cut off a nucleus by a neighbour peaks lower)."""
+    ds = SegmentationDataset(demo_data / "train", size=128, level=4, instance_targets=True, seed=2)
+    plain = SegmentationDataset(demo_data / "train", size=128, level=0, instance_targets=True, seed=2)
+    moved, peaks = 0, []
+    for index in range(len(ds)):
+        _, y = ds.sample(1, index)
+        semantic_fg = np.argmax(y["semantic"], -1) > 0
+        distance, contour = y["instance"][..., 0], y["instance"][..., 1]
+        np.testing.assert_array_equal((distance > 0) | (contour > 0), semantic_fg)
+        labels, n = ndimage.label(distance > 0)
+        peaks += list(ndimage.maximum(distance, labels, np.arange(1, n + 1))) if n else []
+        moved += not np.array_equal(semantic_fg, np.argmax(plain.sample(1, index)[1]["semantic"], -1) > 0)
+    assert moved >= len(ds) // 2  # the augmentation really moved the nuclei
+    assert len(peaks) > 50 and np.mean(np.isclose(peaks, 1.0)) > 0.8
+
+
+def test_resize_mode_shows_the_whole_tile_scaled(demo_data):
+    raw = PreparedDataset(demo_data / "valid")[1]
+    ds = SegmentationDataset(demo_data / "valid", size=64, resize_mode="resize", target="sparse",
+                             train=False, preprocess=PreprocessConfig(clahe_clip_limit=0, zscore="none"))
+    x, y = ds.sample(0, 1)
+    assert x.shape == (64, 64, 3) and y.shape == (64, 64)
+    # 256 → 64: the image is averaged over 4×4 blocks, the labels are sampled (never blended)
+    blocks = raw.image.astype(np.float64).reshape(64, 4, 64, 4, 3).mean(axis=(1, 3))
+    np.testing.assert_allclose(x * 255, blocks, atol=0.51)
+    np.testing.assert_array_equal(y, raw.classes[::4, ::4])
+    crop = SegmentationDataset(demo_data / "valid", size=64, target="sparse", train=False)
+    np.testing.assert_array_equal(crop.sample(0, 1)[1], raw.classes[96:160, 96:160])
+    with pytest.raises(ValueError, match="resize_mode"):
+        SegmentationDataset(demo_data / "valid", size=64, resize_mode="stretch")
