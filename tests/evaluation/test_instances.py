@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.helpers import assert_same_weights
 from xsight_keras.data.demo import demo_tile
 from xsight_keras.data.loader import SegmentationDataset
 from xsight_keras.evaluation.instance_metrics import panoptic_quality
@@ -55,6 +56,22 @@ def test_touching_nuclei_come_out_separate():
     assert np.nanmean(pqs) > 0.95
 
 
+def test_each_predicted_nucleus_takes_the_majority_class_of_its_pixels():
+    yy, xx = np.mgrid[:48, :64]
+    left = (yy - 24) ** 2 + (xx - 14) ** 2 <= 100
+    right = (yy - 24) ** 2 + (xx - 48) ** 2 <= 100
+    labels = np.zeros((48, 64), np.int64)
+    labels[left] = 3
+    labels[left & (xx >= 18)] = 5  # the left disk: a minority of class 5 on its right side
+    labels[right] = 1
+    labels[right & (xx < 49)] = 2  # the right disk: a small majority of class 2
+    assert (labels == 3).sum() > (labels == 5).sum() and (labels == 2).sum() > (labels == 1).sum()
+    probs = np.eye(6, dtype=np.float32)[labels]
+    instances, types = separate_instances(probs)
+    assert instances.max() == 2 and types.tolist() == [0, 3, 2]
+    assert (instances[24, 14], instances[24, 48]) == (1, 2)
+
+
 def test_geojson_has_one_closed_classified_polygon_per_nucleus():
     inst = two_touching_disks()
     types = np.array([0, 2, 5])
@@ -80,8 +97,8 @@ def test_models_gain_an_instance_output(family):
         grown = grow(model)
         out = grown.predict(np.zeros((1, 64, 64, 3), "float32"), verbose=0)
         assert out["instance"].shape == (1, 64, 64, 2) and out["fused"].shape == (1, 64, 64, 1)
-        np.testing.assert_array_equal(grown.get_layer("dec1_head").get_weights()[0],
-                                      model.get_layer("dec1_head").get_weights()[0])
+        assert_same_weights(grown.get_layer("dec1_head").get_weights(),
+                            model.get_layer("dec1_head").get_weights(), what="dec1_head")
     assert 0 <= out["instance"].min() and out["instance"].max() <= 1
 
 
