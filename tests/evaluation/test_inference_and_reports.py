@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import cv2
@@ -8,9 +6,9 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import run_script
 from xsight_keras.data import PreparedDataset, PreprocessConfig
-from xsight_keras.evaluation import confusion_matrix, scores_from_confusion
+from xsight_keras.evaluation import confusion_matrix, evaluate_run, scores_from_confusion
 from xsight_keras.inference import Predictor, apply_transform, invert_transform, parse_transforms
 from xsight_keras.viz import plot_dataset_statistics, plot_run_comparison
 
@@ -42,13 +40,26 @@ def local_model(classes=3):
     return keras.Model(inputs, keras.layers.Softmax()(x))
 
 
-def test_tta_on_a_symmetric_model_changes_nothing():
+def test_tta_averages_the_eight_flips_and_rotations_mapped_back():
     keras.utils.set_random_seed(0)
-    image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
-    model = pointwise_model()  # 1×1 convolution: commutes with every flip and rotation
-    plain = Predictor(model, RAW, tile_size=64, overlap=16).predict_probabilities(image)
-    tta = Predictor(model, RAW, tile_size=64, overlap=16, tta="all").predict_probabilities(image)
-    np.testing.assert_allclose(tta, plain, atol=1e-5)
+    model = local_model()  # 3×3 convolutions with random kernels: not symmetric
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)  # one tile
+    x = image.astype(np.float32) / 255
+
+    def mapped_back(mirror: bool, turns: int) -> np.ndarray:
+        view = np.rot90(x[:, ::-1] if mirror else x, turns)
+        out = np.rot90(model.predict(np.ascontiguousarray(view)[None], verbose=0)[0], -turns)
+        return out[:, ::-1] if mirror else out
+
+    views = {(m, t): mapped_back(m, t) for m in (False, True) for t in range(4)}
+    expected = np.mean(list(views.values()), axis=0)
+    plain = Predictor(model, RAW, tile_size=64).predict_probabilities(image)
+    tta = Predictor(model, RAW, tile_size=64, tta="all").predict_probabilities(image)
+    np.testing.assert_allclose(plain, views[False, 0], atol=1e-5)
+    np.testing.assert_allclose(tta, expected, atol=1e-5)
+    assert np.abs(tta - plain).max() > 1e-2  # TTA really changes this model's output
+    pair = Predictor(model, RAW, tile_size=64, tta="identity,flip").predict_probabilities(image)
+    np.testing.assert_allclose(pair, (views[False, 0] + views[True, 0]) / 2, atol=1e-5)
 
 
 def test_tiled_prediction_equals_untiled_away_from_borders_at_any_size():
@@ -62,6 +73,19 @@ def test_tiled_prediction_equals_untiled_away_from_borders_at_any_size():
     np.testing.assert_allclose(tiled[4:-4, 4:-4], whole[4:-4, 4:-4], atol=1e-4)
     small = np.random.default_rng(2).integers(0, 255, (40, 50, 3), dtype=np.uint8)  # < one tile
     assert Predictor(model, RAW, tile_size=64).predict_probabilities(small).shape == (40, 50, 3)
+
+
+def test_an_image_smaller_than_a_tile_is_mirror_padded():
+    keras.utils.set_random_seed(3)
+    model = local_model()  # each output pixel sees its 5×5 neighbourhood: the padding shows
+    image = np.random.default_rng(4).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    x = image.astype(np.float32) / 255
+    padded = np.pad(x, ((12, 12), (7, 7), (0, 0)), mode="reflect")  # to 64×64, evenly on both sides
+    expected = model.predict(padded[None], verbose=0)[0, 12:52, 7:57]
+    got = Predictor(model, RAW, tile_size=64).predict_probabilities(image)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    zero_padded = model.predict(np.pad(x, ((12, 12), (7, 7), (0, 0)))[None], verbose=0)[0, 12:52, 7:57]
+    assert np.abs(zero_padded - expected)[0].max() > 1e-3  # the first row does see the padding
 
 
 def test_channels_first_model_gives_the_same_probabilities():
@@ -82,6 +106,17 @@ def test_scores_from_confusion_by_hand():
     assert scores["dice"] == {"bg": 1.0, "a": pytest.approx(2 / 3), "b": pytest.approx(2 / 3)}
     assert scores["mean_fg_dice"] == pytest.approx(2 / 3)
     assert scores["iou"]["a"] == pytest.approx(0.5) and scores["pixel_accuracy"] == 0.75
+    # class c in neither map: NaN, left out of the means; class d only predicted: Dice 0, counted
+    truth = np.array([[0, 1, 1, 2, 2]])
+    pred = np.array([[0, 1, 2, 2, 4]])
+    scores = scores_from_confusion(confusion_matrix(truth, pred, 5), ["bg", "a", "b", "c", "d"])
+    assert np.isnan(scores["dice"]["c"]) and np.isnan(scores["iou"]["c"]) and scores["dice"]["d"] == 0
+    assert scores["dice"]["a"] == pytest.approx(2 / 3) and scores["dice"]["b"] == pytest.approx(0.5)
+    assert scores["mean_dice"] == pytest.approx((1 + 2 / 3 + 1 / 2 + 0) / 4)
+    assert scores["mean_fg_dice"] == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    assert scores["mean_iou"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 0) / 4)
+    assert scores["mean_fg_iou"] == pytest.approx((1 / 2 + 1 / 3 + 0) / 3)
+    assert scores["pixel_accuracy"] == pytest.approx(3 / 5)
 
 
 def test_training_with_tta_validation_logs_tta_scores(trained_run):
@@ -89,16 +124,29 @@ def test_training_with_tta_validation_logs_tta_scores(trained_run):
     assert "val_tta_mean_fg_dice" in header and "val_tta_dice_dead" in header
 
 
-def test_evaluate_script_writes_reports_with_and_without_tta(run_copy):
+def colour_model(kernel, bias) -> keras.Model:
+    """A 1×1-convolution classifier with the given (3, K) kernel and (K,) bias, then softmax."""
+    inputs = keras.Input((None, None, 3))
+    conv = keras.layers.Conv2D(len(bias), 1)
+    model = keras.Model(inputs, keras.layers.Softmax()(conv(inputs)))
+    conv.set_weights([np.asarray(kernel, np.float32).reshape(1, 1, 3, -1),
+                      np.asarray(bias, np.float32)])
+    return model
+
+
+def test_evaluate_script_writes_reports_with_and_without_tta(run_copy, tmp_path):
     trained_run = run_copy
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--run",
-                           str(trained_run), "--split", "test", "--tta"], capture_output=True, text=True)
+    proc = run_script("evaluate", "--run", trained_run, "--split", "test", "--tta")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((trained_run / "evaluation_test.json").read_text())
     assert set(report["results"]) == {"plain", "tta"} and report["images"] == 3
+    assert report["model"] == str(trained_run / "best.keras")
     assert set(report["results"]["plain"]["dice"]) == {"background", "neoplastic", "inflammatory",
                                                        "connective", "dead", "epithelial"}
-    assert np.asarray(report["confusion"]["plain"]).sum() == 3 * 256 * 256
+    plain, tta = np.asarray(report["confusion"]["plain"]), np.asarray(report["confusion"]["tta"])
+    assert plain.sum() == tta.sum() == 3 * 256 * 256
+    assert not np.array_equal(plain, tta)  # the tta column really comes from TTA predictions
+    assert report["results"]["plain"] != report["results"]["tta"]
     markdown = (trained_run / "evaluation_test.md").read_text()
     assert "| dead |" in markdown and "mean (foreground)" in markdown and "Dice tta" in markdown
     nuclei = report["results"]["plain"]["instances"]
@@ -106,46 +154,96 @@ def test_evaluate_script_writes_reports_with_and_without_tta(run_copy):
     assert "| bpq |" in markdown and "| PQ dead |" in markdown
     png = cv2.imread(str(trained_run / "confusion_test.png"))
     assert png is not None and png.shape[0] > 300 and png.shape[1] > 300
+    # --model FILE: that file is evaluated, not best.keras (this one calls every pixel "dead")
+    dead = tmp_path / "all_dead.keras"
+    colour_model(np.zeros((3, 6)), [0, 0, 0, 0, 5, 0]).save(dead)
+    proc = run_script("evaluate", "--run", trained_run, "--split", "test", "--model", dead,
+                      "--limit", 1)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((trained_run / "evaluation_test.json").read_text())
+    assert report["model"] == str(dead) and report["images"] == 1
+    confusion = np.asarray(report["confusion"]["plain"])
+    assert confusion[:, 4].sum() == confusion.sum() == 256 * 256
+    assert report["results"]["plain"]["iou"]["dead"] == pytest.approx(confusion[4, 4] / 256 ** 2)
 
 
-def test_predict_script_writes_maps_and_lists_unreadable_files(trained_run, tmp_path):
+def test_predict_script_writes_maps_and_lists_unreadable_files(run_copy, tmp_path):
+    # a model that calls red pixels neoplastic, green inflammatory, blue connective, white
+    # epithelial and black background, so the image below holds four known nuclei
+    colour_model(4 * np.array([[0, 1, -1, -1, 0, 1], [0, -1, 1, -1, 0, 1], [0, -1, -1, 1, 0, 1]]),
+                 [4, 0, 0, 0, -40, -20]).save(run_copy / "best.keras")
+    image = np.zeros((100, 130, 3), np.uint8)  # smaller than a tile: mirror-padded
+    yy, xx = np.mgrid[:100, :130]
+    centres = {(25, 25): "neoplastic", (25, 100): "inflammatory", (70, 30): "connective",
+               (75, 95): "epithelial"}
+    for (cy, cx), colour in zip(centres, [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]):
+        image[(yy - cy) ** 2 + (xx - cx) ** 2 <= 100] = colour
     inputs = tmp_path / "in"
     inputs.mkdir()
-    image = np.random.default_rng(0).integers(0, 255, (100, 130, 3), dtype=np.uint8)
-    cv2.imwrite(str(inputs / "good.png"), image)
+    cv2.imwrite(str(inputs / "good.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     (inputs / "broken.png").write_bytes(b"not an image")
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), str(inputs),
-                           "--run", str(trained_run), "--out", str(tmp_path / "out"), "--save_probs",
-                           "--instances"], capture_output=True, text=True)
+    out = tmp_path / "out"
+    proc = run_script("predict", inputs, "--run", run_copy, "--out", out, "--save_probs",
+                      "--instances")
     assert proc.returncode == 1 and "broken.png" in proc.stderr
-    labels = cv2.imread(str(tmp_path / "out" / "good_labels.png"), cv2.IMREAD_UNCHANGED)
-    assert labels.shape == (100, 130) and labels.max() < 6
-    assert np.load(tmp_path / "out" / "good_probs.npy").shape == (100, 130, 6)
-    assert cv2.imread(str(tmp_path / "out" / "good_overlay.png")).shape == (100, 130, 3)
-    assert not (tmp_path / "out" / "broken_labels.png").exists()
-    nuclei = cv2.imread(str(tmp_path / "out" / "good_instances.png"), cv2.IMREAD_UNCHANGED)
+    assert not (out / "broken_labels.png").exists()
+    labels = cv2.imread(str(out / "good_labels.png"), cv2.IMREAD_UNCHANGED)
+    assert labels.shape == (100, 130) and labels.dtype == np.uint8
+    probs = np.load(out / "good_probs.npy")
+    assert probs.shape == (100, 130, 6) and probs.dtype == np.float16
+    np.testing.assert_allclose(probs.astype(np.float32).sum(-1), 1, atol=1e-2)
+    top2 = np.sort(probs.astype(np.float32), axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > 1e-2  # float16 rounding cannot swap these
+    assert clear.mean() > 0.95
+    np.testing.assert_array_equal(labels[clear], np.argmax(probs, -1)[clear])
+    assert [labels[c] for c in centres] == [1, 2, 3, 5] and labels[50, 60] == 0
+    assert cv2.imread(str(out / "good_overlay.png")).shape == (100, 130, 3)
+    nuclei = cv2.imread(str(out / "good_instances.png"), cv2.IMREAD_UNCHANGED)
     assert nuclei.shape == (100, 130) and nuclei.dtype == np.uint16
-    geojson = json.loads((tmp_path / "out" / "good.geojson").read_text())
-    assert geojson["type"] == "FeatureCollection"
-    assert len(geojson["features"]) == len(np.unique(nuclei)) - 1 or len(geojson["features"]) <= nuclei.max()
+    ids = sorted(set(np.unique(nuclei).tolist()) - {0})
+    assert len(ids) == 4 and sorted(nuclei[c] for c in centres) == ids
+    features = json.loads((out / "good.geojson").read_text())
+    assert features["type"] == "FeatureCollection"
+    by_id = {int(f["id"]): f for f in features["features"]}
+    assert sorted(by_id) == ids and len(features["features"]) == 4  # one polygon per nucleus
+    names = json.loads((run_copy / "config.json").read_text())["class_names"]
+    for centre, name in centres.items():
+        feature = by_id[int(nuclei[centre])]
+        ring = feature["geometry"]["coordinates"][0]
+        assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) > 8
+        assert all(nuclei[y, x] == nuclei[centre] for x, y in ring)  # the nucleus' own border
+        majority = np.bincount(labels[nuclei == nuclei[centre]], minlength=6).argmax()
+        assert feature["properties"]["classification"]["name"] == name == names[majority]
 
 
-def test_tuning_writes_postprocess_settings_used_by_evaluation(run_copy):
+def test_tuning_chooses_the_best_trial_and_evaluation_uses_it(run_copy):
     trained_run = run_copy
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "tune_postprocessing.py"), "--run",
-                           str(trained_run), "--limit", "2"], capture_output=True, text=True)
+    proc = run_script("tune_postprocessing", "--run", trained_run, "--limit", 2)
     assert proc.returncode == 0, proc.stderr
     settings = json.loads((trained_run / "postprocess.json").read_text())
     assert set(settings) == {"dist_threshold", "contour_threshold", "min_marker_size", "min_size"}
     search = json.loads((trained_run / "postprocess_search.json").read_text())
     assert len(search["trials"]) == 5 * 3  # no instance head: the contour threshold is not searched
+    metric = search["metric"]
+    assert metric == "mpq"  # several nucleus classes
+    scores = [t[metric] for t in search["trials"]]
+    finite = [v for v in scores if not np.isnan(v)]
+    assert len(set(finite)) > 1, f"every trial scored the same, nothing to choose: {scores}"
+    chosen = [t for t in search["trials"] if all(t[k] == v for k, v in settings.items())]
+    assert len(chosen) == 1 and chosen[0][metric] == max(finite)  # the best (ties: any of them)
+    assert search["best"] == settings and search["score"] == max(finite)
+    # evaluation on the same images reads postprocess.json: it reproduces the trial's score,
+    # for the best trial and for a worse one written in its place
+    worse = min((t for t in search["trials"] if not np.isnan(t[metric])), key=lambda t: t[metric])
+    for trial in (chosen[0], worse):
+        (trained_run / "postprocess.json").write_text(json.dumps({k: trial[k] for k in settings}))
+        report = evaluate_run(trained_run, "valid", limit=2, progress=False)
+        assert report["results"]["plain"]["instances"][metric] == pytest.approx(trial[metric])
 
 
 def test_plots_are_written_with_the_expected_size(run_copy, tmp_path):
     trained_run = run_copy
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "visualize_predictions.py"),
-                           "--output_dir", str(trained_run.parent), "--n", "2"],
-                          capture_output=True, text=True)
+    proc = run_script("visualize_predictions", "--output_dir", trained_run.parent, "--n", 2)
     assert proc.returncode == 0, proc.stderr
     grid = cv2.imread(str(trained_run / "predictions_test.png"))
     assert grid is not None and grid.shape[1] == 960 and grid.shape[0] > 400  # 4 panels, 2 rows
