@@ -346,7 +346,11 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
 
 
 class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
-    """``EarlyStopping`` whose counters and best weights survive a resume (see ``training.state``)."""
+    """``EarlyStopping`` whose counters and best weights survive a resume (see ``training.state``).
+
+    ``_resume``: the saved ``wait``, ``best``, ``best_epoch`` and (optional) ``best_weights``,
+    put back at ``on_train_begin`` (Keras' own resets them there, best weights included).
+    """
 
     _resume = None
 
@@ -356,4 +360,5 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
             self.wait = int(self._resume["wait"])
             self.best = float(self._resume["best"])
             self.best_epoch = int(self._resume["best_epoch"])
+            self.best_weights = self._resume.get("best_weights")
             self._resume = None

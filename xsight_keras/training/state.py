@@ -167,10 +167,10 @@ def restore_state(state: dict, model, ema=None, swa=None, checkpoint=None, early
         checkpoint.best = state["checkpoint"]["best"]
         checkpoint.best_epoch = state["checkpoint"]["best_epoch"]
     if early_stopping is not None and "early_stopping" in state:
-        es = state["early_stopping"]
-        early_stopping._resume = es  # applied in on_train_begin, which resets these counters
+        es = dict(state["early_stopping"])
         if "weights" in es:
-            early_stopping.best_weights = [arrays[f"es_{i}"] for i in range(es["weights"])]
+            es["best_weights"] = [arrays[f"es_{i}"] for i in range(es["weights"])]
+        early_stopping._resume = es  # applied in on_train_begin, which resets these (and the weights)
 
 
 def rewrite_history_csv(path, history: dict) -> None:
