@@ -181,7 +181,9 @@ def load_config(preset: str | None = None, config_file=None, overrides: dict | N
 
 def load_run_config(run_dir, overrides: dict | None = None) -> RunConfig:
     """The configuration a run was started with (its ``config.json``), with optional overrides
-    (e.g. more ``epochs`` when resuming)."""
+    (e.g. more ``epochs`` when resuming). The run is where ``run_dir`` is now: ``output_dir`` and
+    ``experiment_name`` point there, whatever they were when it started (the folder may have
+    been moved or copied, or ``output_dir`` be relative to another working directory)."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
@@ -190,6 +192,8 @@ def load_run_config(run_dir, overrides: dict | None = None) -> RunConfig:
     except ValueError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     values = {k: _coerce(k, v) for k, v in saved.items() if k in FIELD_TYPES}
+    where = Path(run_dir).resolve()
+    values.update(output_dir=str(where.parent), experiment_name=where.name)
     values.update({k: _coerce(k, v) for k, v in (overrides or {}).items()})
     config = RunConfig(**values)
     validate_config(config)
