@@ -114,9 +114,9 @@ def save_state(run_dir, model, epoch, stage, history, stage_history, ema=None, s
     (tmp / "state.json").write_text(json.dumps(meta, default=float))
     final = run_dir / STATE_DIR
     old = run_dir / ".state.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
+    if final.exists():  # else a write killed between the renames left the last state in old
+        if old.exists():
+            shutil.rmtree(old)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
