@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from keras import layers
 
+from tests.helpers import assert_same_weights
 from xsight_keras.models import (
     FusedBatchNormalization,
     FusedUpSampling2D,
@@ -67,8 +68,7 @@ def test_batch_norm_gradients_match_keras():
         (layer(xt, training=True) * weights).sum().backward()
         grads.append([keras.ops.convert_to_numpy(g) for g in
                       (xt.grad, layer.gamma.value.grad, layer.beta.value.grad)])
-    for g_ref, g_fused in zip(*grads):
-        np.testing.assert_allclose(g_fused, g_ref, atol=1e-4)
+    assert_same_weights(grads[1], grads[0], rtol=1e-7, atol=1e-4, what="input, gamma, beta grads")
 
 
 def test_batch_norm_under_mixed_bfloat16_keeps_float32_statistics():
@@ -179,8 +179,8 @@ def test_training_with_torch_order_kernels_equals_keras_conv_training(tmp_path):
     kernel = fast.get_layer("conv").kernel
     slots = [v for v in fast.optimizer.variables if v.name.startswith("conv_kernel_")]
     assert len(slots) == 1 and slots[0].value.stride() == kernel.value.stride()
-    for a, b in zip(fast.get_weights(), ref.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert_same_weights(fast.get_weights(), ref.get_weights(), rtol=1e-4, atol=1e-6,
+                        what="trained weights")
 
     adamw = keras.optimizers.AdamW(1e-3)
     adamw.build(fast.trainable_variables)

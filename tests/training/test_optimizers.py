@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests.helpers import assert_same_weights
 from xsight_keras.models import TorchOrderConv2D
 from xsight_keras.training import FusedAdam, FusedAdamW, OneCycle
 
@@ -52,8 +53,8 @@ def test_fused_update_equals_keras_update(kind):
     # the bias corrections depend on the step count: a jump (a resumed run) must be seen
     expected = _run(make(False), start, grads, jump=(3, 40))
     got = _run(make(True), start, grads, jump=(3, 40))
-    for name, a, b in zip(start, got, expected):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6, err_msg=name)
+    assert len(got) == len(start)
+    assert_same_weights(got, expected, rtol=1e-6, atol=1e-6, what=f"{kind} {list(start)}")
     # (atol: 1e-4 of the step size, float32 rounding in a different order of operations)
     # and it did move every variable (the comparison is not between two no-ops)
     assert all(not np.allclose(a, s) for a, s in zip(got, start.values()))
@@ -77,8 +78,7 @@ def test_fused_update_is_right_when_layouts_differ():
     kernel_slots = [v for v in optimizer.variables if v.name.startswith("conv_kernel_")]
     assert len(kernel_slots) == 2  # built in the kernel's layout (by FusedAdamW.build)
     assert all(not s.value.is_contiguous() for s in kernel_slots)
-    for a, b in zip(got, expected):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert_same_weights(got, expected, rtol=1e-6, atol=1e-6, what="variables")
     # the contiguous gradients above were laid out unlike the kernel; now a matching one
     conv = keras.Variable(start["conv/kernel"])
     store_kernel_in_torch_order(conv)
@@ -106,8 +106,9 @@ def test_fused_optimizer_round_trips_with_the_model(tmp_path):
     assert type(loaded.optimizer) is FusedAdamW
     assert loaded.optimizer.get_config() == model.optimizer.get_config()
     assert int(loaded.optimizer.iterations.numpy()) == 2
-    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
-        np.testing.assert_array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+    assert_same_weights([keras.ops.convert_to_numpy(v) for v in loaded.optimizer.variables],
+                        [keras.ops.convert_to_numpy(v) for v in model.optimizer.variables],
+                        what="optimizer variables")
     # both continue identically
     model.fit(x, y, epochs=1, verbose=0)
     loaded.fit(x, y, epochs=1, verbose=0)

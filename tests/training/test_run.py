@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -6,17 +7,51 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_script, script_env
 from xsight_keras.config import load_config
 from xsight_keras.training.run import DataNotFoundError, train
 
 
-def test_attention_unet_run_writes_every_artefact(demo_data, tmp_path):
+def record_served_samples(monkeypatch):
+    """Record every sample the run's loaders serve, with the Keras epoch it was served in.
+
+    Returns a dict: ``"train"`` / ``"valid"`` lists of ``(keras_epoch, (epoch, index), image)``
+    (``keras_epoch`` is ``None`` for the batch ``fit`` draws before its first epoch, ``"after
+    fit"`` for later passes such as SWA's BatchNorm update). The epoch
+    comes from Keras' ``on_epoch_begin``, not from the library's schedules."""
+    from xsight_keras.data import loader as loader_module
+    from xsight_keras.training import run as run_module
+
+    served = {"epoch": None, "train": [], "valid": []}
+    getitem = loader_module.SegmentationDataset.__getitem__
+
+    def recording_getitem(self, key):
+        item = getitem(self, key)
+        served["train" if self.train else "valid"].append((served["epoch"], key, item[0].copy()))
+        return item
+
+    class KerasEpoch(run_module.EpochSeeder):
+        def on_epoch_begin(self, epoch, logs=None):
+            served["epoch"] = epoch
+            super().on_epoch_begin(epoch, logs)
+
+        def on_train_end(self, logs=None):
+            served["epoch"] = "after fit"  # e.g. SWA's BatchNorm pass over the loader
+
+    monkeypatch.setattr(loader_module.SegmentationDataset, "__getitem__", recording_getitem)
+    monkeypatch.setattr(run_module, "EpochSeeder", KerasEpoch)
+    return served
+
+
+def test_attention_unet_run_writes_every_artefact(demo_data, tmp_path, monkeypatch):
+    from xsight_keras.data import PreprocessConfig, SegmentationDataset
+
+    served = record_served_samples(monkeypatch)
     config = load_config("demo", overrides={
         "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": "tiny",
         "epochs": 2, "batch_size": 4, "progressive": True, "size_schedule": "0:32,1:64", "val_size": 64,
         "decoder_filters": "16,16,8,8,8", "use_ema": True, "use_swa": True, "swa_start_epoch": 1,
-        "boundary_weight": 0.5, "mixup_alpha": 0.2, "aug_schedule": "0:0,1:2",
+        "boundary_weight": 0.5, "mixup_alpha": 0.2, "aug_schedule": "0:0,1:2", "num_workers": 0,
     })
     result = train(config)
     run = tmp_path / "tiny"
@@ -26,10 +61,28 @@ def test_attention_unet_run_writes_every_artefact(demo_data, tmp_path):
     assert list((run / "logs" / "train").glob("events.out.tfevents.*"))
     saved = json.loads((run / "config.json").read_text())
     assert saved["encoder"] == "resnet18" and saved["epochs"] == 2 and saved["class_names"][4] == "dead"
+    # what the loaders served, epoch by epoch: the schedules 0:32,1:64 and 0:0,1:2 by hand
+    pre = PreprocessConfig(config.clahe_clip_limit, config.clahe_grid, config.zscore)
+    common = dict(preprocess=pre, data_format="channels_first", seed=config.seed)
+    for epoch, size, augmented in ((0, 32, False), (1, 64, True)):
+        plain = SegmentationDataset(demo_data / "train", size=size, level=0, **common)
+        rows = [(key, x) for e, key, x in served["train"] if e == epoch]
+        assert sorted(index for (_, index), _ in rows) == list(range(8)), epoch  # 2 steps × 4
+        changed = 0
+        for (key_epoch, index), x in rows:
+            assert key_epoch == epoch and x.shape == (3, size, size), (epoch, key_epoch, x.shape)
+            changed += not np.array_equal(x, plain.sample(epoch, index)[0])  # same crop, no aug.
+        # level 2 leaves a sample as it was only when every random transform is skipped (rare)
+        assert changed >= 6 if augmented else changed == 0, f"epoch {epoch}: {changed} of 8 augmented"
+        plain_val = SegmentationDataset(demo_data / "valid", size=64, train=False, **common)
+        rows = [(key, x) for e, key, x in served["valid"] if e == epoch]
+        assert sorted(i for (_, i), _ in rows) == list(range(4)), epoch
+        for (key_epoch, index), x in rows:
+            np.testing.assert_array_equal(x, plain_val.sample(key_epoch, index)[0])  # 64 px, as is
     history = result.history
     assert len(history["loss"]) == 2 and "val_dice_neoplastic" in history
-    assert history["aug_level"] == [0.0, 2.0]  # the augmentation schedule took effect at epoch 1
-    assert history["train_size"] == [32.0, 64.0]  # and so did progressive resizing
+    assert history["aug_level"] == [0.0, 2.0]  # and the logger reports the schedules
+    assert history["train_size"] == [32.0, 64.0]
     code = ("import sys, numpy as np, keras, xsight_keras;"
             "m = keras.models.load_model(sys.argv[1]);"
             "p = m.predict(np.zeros((1, 3, 64, 64), 'float32'), verbose=0);"
@@ -78,42 +131,41 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     assert config.epochs == 3 and config.use_swa is False and config.use_ema is True
 
 
-def test_readme_user_code_example_runs(demo_data):
-    """The 'Train from your own code' example of the README, with a tiny model and data."""
-    from xsight_keras import (
-        ExponentialMovingAverage,
-        FusedAdamW,
-        HybridLoss,
-        OneCycle,
-        SegmentationDataset,
-        SyncLoaderEpoch,
-        attention_unet,
-        class_weights_from_counts,
-        make_loader,
-        segmentation_metrics,
-    )
+def readme_python_block(heading: str) -> str:
+    """The first ```python block of README.md after the line that starts with ``heading``."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(heading)
+    begin = text.index("```python\n", start) + len("```python\n")
+    return text[begin:text.index("```", begin)]
 
-    train_ds = SegmentationDataset(demo_data / "train", size=64, level=1)
-    val_ds = SegmentationDataset(demo_data / "valid", size=64, train=False)
-    model = attention_unet(6, encoder="resnet18", decoder_filters=(16, 16, 8, 8, 8))
-    weights = class_weights_from_counts(train_ds.dataset.pixel_counts)
-    model.compile(
-        optimizer=FusedAdamW(learning_rate=OneCycle(1e-3, total_steps=4), global_clipnorm=1.0),
-        loss=HybridLoss(class_weights=weights),
-        metrics=segmentation_metrics(train_ds.dataset.class_names),
-    )
-    train_loader = make_loader(train_ds, 4, mixup_alpha=0.2)
-    history = model.fit(train_loader, validation_data=make_loader(val_ds, 4), epochs=2,
-                        callbacks=[ExponentialMovingAverage(0.99), SyncLoaderEpoch(train_loader)],
-                        verbose=0)
-    assert np.isfinite(history.history["val_mean_fg_dice"]).all()
+
+def test_readme_user_code_example_runs(demo_data, tmp_path):
+    """The README's 'Train from your own code' example, taken from README.md and run in a
+    fresh process as written except for two cost substitutions: 64 px crops instead of 128 and
+    2 epochs instead of 8 (as written it takes minutes on a 2-core CPU). Its relative
+    ``data/demo`` points at the session's demo set."""
+    code = readme_python_block("**From your own code**")
+    for old, new, count in (("size=128", "size=64", 2), ("epochs=8", "epochs=2", 1)):
+        assert code.count(old) == count, f"the README example changed: {old!r}"
+        code = code.replace(old, new)
+    assert 'SegmentationDataset("data/demo/train"' in code and "model.fit(" in code
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "demo").symlink_to(demo_data, target_is_directory=True)
+    code += ("\nimport numpy as np\nh = model.history.history\n"
+             "assert len(h['loss']) == 2 and np.isfinite(h['val_mean_fg_dice']).all(), h\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=script_env(),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_mixed_precision_policy_follows_the_device():
-    from xsight_keras.training.run import _cuda_available, select_precision
+    import torch
+
+    from xsight_keras.training.run import select_precision
 
     config = load_config("demo", overrides={"use_mixed_precision": True})
-    expected = "mixed_float16" if _cuda_available() else "mixed_bfloat16"
+    cuda = keras.backend.backend() == "torch" and torch.cuda.is_available()
+    expected = "mixed_float16" if cuda else "mixed_bfloat16"
     assert select_precision(config) == expected  # never float16 on a CPU (emulated, ~75x slower)
     assert select_precision(load_config("demo")) == "float32"
 
@@ -138,3 +190,46 @@ def test_run_with_an_instance_head_trains_both_outputs(demo_data, tmp_path):
     assert {"val_semantic_mean_fg_dice", "instance_loss", "val_instance_loss"} <= set(result.history)
     model = keras.models.load_model(result.run_dir / "best.keras")
     assert set(model.output) == {"semantic", "instance"}
+
+
+def test_non_finite_loss_from_the_command_line_exits_3_and_keeps_the_checkpoints(run_copy, trained_run):
+    """A resumed run whose learning rate makes the weights overflow in its second epoch: exit
+    status 3, one line naming the epoch and the step, no traceback, and the good checkpoints
+    of the first epoch stay as they were (in the folder given to --resume, not elsewhere)."""
+    files = ("best.keras", "final.keras", "state/state.json", "history.csv")
+    before = {name: (run_copy / name).read_bytes() for name in files}
+    original = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")}
+    proc = run_script("train", "--resume", run_copy, "--epochs", 2, "--lr", "1e30")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(r"became (nan|-?inf) at epoch 2, step 2;", errors[0]), errors
+    for name in files:
+        assert (run_copy / name).read_bytes() == before[name], f"{name} was rewritten"
+    assert {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")} == original
+
+
+def test_overwrite_from_the_command_line_replaces_a_run(demo_data, tmp_path):
+    """An existing run directory: without --overwrite, exit 2 before anything is touched; with
+    it, the old files are gone and the new run is complete."""
+    run = tmp_path / "runs" / "r"
+    (run / "state").mkdir(parents=True)
+    (run / "state" / "state.json").write_text('{"epoch": 7}')
+    (run / "old_marker.txt").write_text("from the previous run")
+    (run / "history.csv").write_text("epoch,loss\n0,1\n1,1\n2,1\n")
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text("val_size: 32\ndecoder_filters: [8, 8, 8, 8, 8]\ntensorboard_images: 0\n")
+    args = ("--preset", "demo", "--config", tiny, "--data_root", demo_data, "--output_dir",
+            tmp_path / "runs", "--experiment_name", "r", "--epochs", 1, "--batch_size", 4,
+            "--input_size", 32, "--steps_per_epoch", 1)
+    refused = run_script("train", *args)
+    assert refused.returncode == 2 and "already exists" in refused.stderr
+    assert "Traceback" not in refused.stderr and (run / "old_marker.txt").is_file()
+    proc = run_script("train", *args, "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (run / "old_marker.txt").exists()
+    for name in ("config.json", "history.csv", "best.keras", "final.keras", "summary.json"):
+        assert (run / name).is_file(), name
+    assert len((run / "history.csv").read_text().strip().splitlines()) == 2  # header + 1 epoch
+    assert json.loads((run / "state" / "state.json").read_text())["epoch"] == 0
+    assert json.loads((run / "config.json").read_text())["input_size"] == 32
