@@ -139,10 +139,11 @@ def test_early_stopping_fires_after_a_resume_as_in_an_uninterrupted_run(demo_dat
     it: the resumed run stops at the same epoch and ends on the same best weights.
 
     The monitored score is scripted per epoch (so the stop is known by hand, whatever the model
-    learns): best at epoch 1, then no improvement; patience 2 stops after epoch 3. A one-stage
+    learns): best at epoch 0, then no improvement; patience 3 stops after epoch 3, and the
+    interruption in epoch 2 comes with one epoch of patience already used. A one-stage
     PGU-Net with 4 base filters keeps the three in-process runs cheap (the resume path is the
     one every model takes)."""
-    scores = [0.1, 0.5, 0.2, 0.2, 0.2, 0.2]
+    scores = [0.5, 0.2, 0.2, 0.2, 0.2, 0.2]
     phase = {"name": "whole", "kill_in": None}
     raw_at_epoch_end = {"whole": {}, "killed": {}, "resumed": {}}
 
@@ -162,7 +163,7 @@ def test_early_stopping_fires_after_a_resume_as_in_an_uninterrupted_run(demo_dat
     monkeypatch.setattr(run_module, "ScheduleLogger", ScriptedScore)
     settings = {"data_root": str(demo_data), "output_dir": str(tmp_path), "model": "progressive_unet",
                 "stages": [1], "base_filters": 4, "epochs_per_stage": 6, "batch_sizes": "32:4",
-                "use_ema": True, "use_swa": True, "swa_start_epoch": 1, "early_stopping_patience": 2,
+                "use_ema": True, "use_swa": True, "swa_start_epoch": 1, "early_stopping_patience": 3,
                 "tensorboard_images": 0, "num_workers": 0, "seed": 4}
     whole = train(load_config("demo", overrides=settings | {"experiment_name": "whole"})).run_dir
     config = load_config("demo", overrides=settings | {"experiment_name": "killed"})
@@ -179,13 +180,13 @@ def test_early_stopping_fires_after_a_resume_as_in_an_uninterrupted_run(demo_dat
     csv = "history_stage_1.csv"
     assert [row[0] for row in history_rows(whole, csv)] == [0, 1, 2, 3]
     assert [row[0] for row in history_rows(killed, csv)] == [0, 1, 2, 3]
-    # and both ended on the raw weights of epoch 1, the best one
-    best_raw = raw_at_epoch_end["whole"][1]
+    # and both ended on the raw weights of epoch 0, the best one
+    best_raw = raw_at_epoch_end["whole"][0]
     assert not np.allclose(best_raw[0], raw_at_epoch_end["whole"][3][0])  # training moved them
     assert_same_weights(saved_weights(whole / "final.keras"), best_raw, what="whole final.keras")
     assert_same_weights(saved_weights(killed / "final.keras"), best_raw, rtol=1e-5, atol=1e-6,
                         what="resumed final.keras")
-    for name in ("best.keras", "swa.keras"):  # EMA weights of epoch 1; SWA mean of epochs 1–3
+    for name in ("best.keras", "swa.keras"):  # EMA weights of epoch 0; SWA mean of epochs 1–3
         assert_same_weights(saved_weights(whole / name), saved_weights(killed / name),
                             rtol=1e-5, atol=1e-6, what=name)
     assert_same_weights(history_rows(whole, csv), history_rows(killed, csv), rtol=1e-4,
