@@ -1,8 +1,16 @@
-"""One rank of the 2-process data-parallel test (``test_distributed.py`` starts two of these).
+"""One rank of the 2-process data-parallel tests (``test_distributed.py`` starts two of these).
 
-argv: data_root out_dir. Environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT (as torchrun
-sets them). Writes ``out_dir/rank{r}.npz`` (all model variables), ``rank{r}.json`` (samples
-seen per epoch, history) and, on rank 0, ``model.keras``.
+``ddp_worker.py data_root out_dir``: a hand-written ``fit`` loop. Environment: RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT (as torchrun sets them). Writes ``out_dir/rank{r}.npz``
+(all model variables), ``rank{r}.json`` (samples seen per epoch, history) and, on rank 0,
+``model.keras``.
+
+``ddp_worker.py train dump_dir nan train.py-args...``: ``scripts/train.py`` itself (its ``main``
+and exit status), watched: every ``fit`` writes ``dump_dir/{start,end}_rank{r}.npz`` (all model
+variables when ``fit`` starts, i.e. after a resume's restore and the broadcast, and when it
+returns) and ``end_rank{r}.json`` (the history ``fit`` returned). ``nan`` is ``-`` or
+``RANK:STEP``: that rank feeds a NaN image batch at its STEP-th training step (from 1), so its
+loss, and only its loss, becomes non-finite there.
 """
 
 import json
@@ -62,5 +70,39 @@ def main(data_root, out_dir):
     shutdown_distributed()
 
 
+def _variables(model) -> dict:
+    return {f"{i}_{v.path}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)}
+
+
+def watched_train(dump_dir, nan, *train_args) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    dump = Path(dump_dir)
+    nan_rank, nan_step = (int(v) for v in nan.split(":")) if nan != "-" else (-1, 0)
+    fit, train_step = keras.Model.fit, keras.Model.train_step
+    steps = 0
+
+    def watched_fit(model, *args, **kwargs):
+        np.savez(dump / f"start_rank{rank}.npz", **_variables(model))
+        history = fit(model, *args, **kwargs)
+        np.savez(dump / f"end_rank{rank}.npz", **_variables(model))
+        (dump / f"end_rank{rank}.json").write_text(json.dumps(history.history))
+        return history
+
+    def poisoned_train_step(model, data):
+        nonlocal steps
+        steps += 1
+        if rank == nan_rank and steps == nan_step:
+            data = (data[0] * float("nan"), *data[1:])
+        return train_step(model, data)
+
+    keras.Model.fit, keras.Model.train_step = watched_fit, poisoned_train_step
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
+    from train import main as train_main
+
+    return train_main(list(train_args))
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "train":
+        sys.exit(watched_train(*sys.argv[2:]))
     main(*sys.argv[1:3])

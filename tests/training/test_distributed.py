@@ -1,34 +1,31 @@
 """Data-parallel training on CPUs: two Gloo processes, as torchrun starts them."""
 
+import csv
 import json
-import os
 import socket
 import subprocess
 import sys
 from collections import Counter
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
+import yaml
 
-from xsight_keras.data import write_demo_dataset
+from tests.helpers import ROOT, assert_same_weights, saved_weights, script_env
+from xsight_keras.data import PreparedDataset, PreprocessConfig, write_demo_dataset
+from xsight_keras.data.demo import demo_tile
 from xsight_keras.data.loader import EpochBatchSampler
+from xsight_keras.data.preprocess import preprocess_image
 from xsight_keras.training.distributed import scaled_learning_rate
 
-ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "training" / "ddp_worker.py"
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _env(**extra):
-    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def test_training_shards_cover_each_epoch_once_and_agree_on_steps():
@@ -60,17 +57,30 @@ def test_learning_rate_scaling_rules():
         scaled_learning_rate(1e-3, 4, "cubic")
 
 
+def _gloo_ranks(*args, timeout=600):
+    """Start ``ddp_worker.py args`` as ranks 0 and 1 of one Gloo group (the environment torchrun
+    gives them); returns each rank's ``(exit status, stdout, stderr)``. Both are killed if they
+    are not done within ``timeout`` seconds (a hang fails the test instead of stalling it)."""
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), *map(str, args)],
+                              env=script_env(OMP_NUM_THREADS=1, RANK=r, LOCAL_RANK=r, WORLD_SIZE=2,
+                                             MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+             for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"the ranks did not finish within {timeout} s: "
+                    + "\n".join(p.communicate()[1][-2000:] for p in procs))
+    return [(p.returncode, *out) for p, out in zip(procs, outputs)]
+
+
 def test_two_gloo_ranks_train_one_model(tmp_path):
     write_demo_dataset(tmp_path / "data", {"train": 32}, seed=0, tile_size=64)
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests/training/ddp_worker.py"),
-                               str(tmp_path / "data"), str(tmp_path)],
-                              env=_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    ranks = _gloo_ranks(tmp_path / "data", tmp_path)
+    assert [r[0] for r in ranks] == [0, 0], "\n".join(r[2][-3000:] for r in ranks)
 
     w0, w1 = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
     assert w0.files == w1.files
@@ -93,27 +103,158 @@ def test_two_gloo_ranks_train_one_model(tmp_path):
 
 
 def _torchrun(*args, timeout=600):
+    """``torchrun --standalone --nproc_per_node 2`` of ``scripts/train.py`` through the watching
+    worker (``ddp_worker.py train``: the script's own ``main``, with each rank's variables and
+    history dumped around ``fit``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "scripts/train.py"), *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          check=False)
+           str(WORKER), "train", *map(str, args)]
+    out = subprocess.run(cmd, env=script_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
+                         timeout=timeout, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
 
 
-def test_torchrun_trains_and_resumes_with_rank0_writing(tmp_path):
-    write_demo_dataset(tmp_path / "data", {"train": 16, "valid": 4}, seed=0, tile_size=64)
-    small = tmp_path / "small.yaml"
-    small.write_text("input_size: 64\nval_size: 64\ndecoder_filters: [32, 16, 16, 8, 8]\n")
-    common = ["--data_root", str(tmp_path / "data"), "--output_dir", str(tmp_path / "runs")]
-    first = _torchrun("--preset", "demo", "--config", str(small), *common, "--epochs", "1",
-                      "--batch_size", "4", "--lr_scaling", "sqrt")
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "2 processes × batch 4 = global batch 8" in first.stdout
-    assert "peak lr 0.00424264 (lr_scaling sqrt)" in first.stdout  # the demo's 0.003 × √2
-    run = tmp_path / "runs" / "demo"
-    assert json.loads((run / "config.json").read_text())["processes"] == 2
-    second = _torchrun("--resume", str(run), "--epochs", "2")
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    rows = (run / "history.csv").read_text().strip().splitlines()
-    assert len(rows) == 3  # header + one row per epoch, written once (rank 0)
+def _arrays(path, prefix=None) -> list[np.ndarray]:
+    """The arrays of a worker dump (``{i}_{path}``) or those of a training state's ``arrays.npz``
+    called ``{prefix}_{i}``, in the order of ``i``."""
+    with np.load(path) as data:
+        if prefix is None:
+            index = {int(k.split("_")[0]): k for k in data.files}
+        else:
+            index = {int(k[len(prefix) + 1:]): k for k in data.files if k.startswith(prefix + "_")}
+        return [data[index[i]] for i in sorted(index)]
+
+
+def _assert_ranks_agree(dump):
+    """Both ranks hold the same bytes (weights and BatchNorm statistics) when ``fit`` starts and
+    ends, and logged the same (global) history."""
+    for phase in ("start", "end"):
+        rank0, rank1 = (_arrays(dump / f"{phase}_rank{r}.npz") for r in range(2))
+        assert_same_weights(rank0, rank1, what=f"{dump.name}: rank 1 vs rank 0 at {phase} of fit")
+    histories = [json.loads((dump / f"end_rank{r}.json").read_text()) for r in range(2)]
+    assert histories[0] == histories[1]
+
+
+def _history(run) -> list[dict]:
+    with open(run / "history.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _validate_whole_split(run, data_root):
+    """The validation metrics of ``best.keras`` over the whole split, in this single process,
+    computed here with numpy: focal loss (mean over all pixels) and Dice per class from one
+    confusion matrix (a class absent from truth and prediction scores 1)."""
+    config = json.loads((run / "config.json").read_text())
+    split = PreparedDataset(data_root / "valid")
+    pre = PreprocessConfig(config["clahe_clip_limit"], tuple(config["clahe_grid"]),
+                           config["zscore"])
+    samples = [split[i] for i in range(len(split))]
+    x = np.stack([preprocess_image(s.image, pre).transpose(2, 0, 1) for s in samples])
+    classes = np.stack([s.classes for s in samples])
+    y = np.eye(6, dtype="float32")[classes].transpose(0, 3, 1, 2)
     model = keras.models.load_model(run / "best.keras")
-    assert model.output_shape == (None, 6, None, None)
+    probs = keras.ops.convert_to_numpy(model.predict_on_batch(x))
+    p = np.clip(probs.astype(np.float64), 1e-6, 1 - 1e-6)
+    focal = -0.25 * y * (1 - p) ** 2 * np.log(p)
+    found = {"val_loss": focal.sum(axis=1).mean()}
+    confusion = np.zeros((6, 6), np.int64)
+    np.add.at(confusion, (classes.ravel(), probs.argmax(axis=1).ravel()), 1)
+    tp = np.diag(confusion)
+    fp, fn = confusion.sum(axis=0) - tp, confusion.sum(axis=1) - tp
+    dice = np.where(2 * tp + fp + fn > 0, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 1.0)
+    names = [n.lower().replace(" ", "_") for n in split.class_names]
+    found |= {f"val_dice_{n}": d for n, d in zip(names, dice)}
+    found |= {"val_mean_dice": dice.mean(), "val_mean_fg_dice": dice[1:].mean()}
+    return found
+
+
+SMALL = {"input_size": 64, "val_size": 64, "decoder_filters": [16, 8, 8, 8, 8], "loss": "focal",
+         "lr_schedule": "constant", "use_ema": True, "use_swa": True, "swa_start_epoch": 0,
+         "early_stopping_patience": 4, "tensorboard_images": 0, "num_workers": 0, "batch_size": 2}
+
+
+def test_torchrun_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
+    """2 epochs under torchrun vs 1 epoch then ``--resume --epochs 2`` (both 2 Gloo ranks).
+
+    Also: the resumed ranks start from the saved state, bit-identical; validation (5 images:
+    shards of 3 and 2) logs the metrics of the whole split, not rank 0's shard nor a mean of
+    the two shards' scores. A constant learning rate, since the one-cycle schedule would differ
+    between a 1-epoch and a 2-epoch run; swa_start_epoch 0 so that the SWA count (2) needs the
+    resumed state (1 without it).
+    """
+    data = tmp_path / "data"
+    write_demo_dataset(data, {"train": 16, "valid": 5}, seed=0, tile_size=64)
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump(SMALL))
+    runs = tmp_path / "runs"
+    common = ["--preset", "demo", "--config", small, "--data_root", data, "--output_dir", runs]
+    dumps = {name: tmp_path / name for name in ("whole", "first", "resumed")}
+    for d in dumps.values():
+        d.mkdir()
+
+    out = _torchrun(dumps["whole"], "-", *common, "--experiment_name", "whole", "--epochs", 2,
+                    "--lr_scaling", "sqrt")
+    assert "2 processes × batch 2 = global batch 4" in out
+    assert "peak lr 0.00424264 (lr_scaling sqrt)" in out  # the demo's 0.003 × √2
+    assert "SWA: averaged 2 epochs" in out
+    whole = runs / "whole"
+    assert json.loads((whole / "config.json").read_text())["processes"] == 2
+    # global validation metrics: best.keras holds the (EMA) weights validated at its epoch
+    logged = _history(whole)
+    best_epoch = int(np.argmax([row["val_mean_fg_dice"] for row in logged]))
+    found = _validate_whole_split(whole, data)
+    np.testing.assert_allclose([logged[best_epoch][k] for k in found], list(found.values()),
+                               rtol=1e-4, atol=1e-6, err_msg=f"{list(found)}")
+
+    _torchrun(dumps["first"], "-", *common, "--experiment_name", "split", "--epochs", 1,
+              "--lr_scaling", "sqrt")
+    split = runs / "split"
+    saved = _arrays(split / "state" / "arrays.npz", "model")
+    out = _torchrun(dumps["resumed"], "-", "--resume", split, "--epochs", 2)
+    assert "SWA: averaged 2 epochs" in out  # epoch 1 from the saved state, epoch 2 after resuming
+
+    for dump in dumps.values():
+        _assert_ranks_agree(dump)
+    # every rank starts the resumed fit from the saved state, not from a fresh initialisation
+    assert_same_weights(_arrays(dumps["resumed"] / "start_rank1.npz"), saved, what="resumed rank 1")
+
+    # same end as the uninterrupted run: one row per epoch (written once, by rank 0), same
+    # metrics and the same final, best and SWA weights. The tolerance only absorbs float
+    # rounding (a lost optimizer moment, EMA or SWA average moves weights by ~1e-3).
+    rows = [_history(run) for run in (whole, split)]
+    assert len(rows[0]) == len(rows[1]) == 2
+    for a, b in zip(*rows):
+        assert a.keys() == b.keys()
+        np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-4, atol=1e-5)
+    for name in ("final.keras", "best.keras", "swa.keras"):
+        assert_same_weights(saved_weights(whole / name), saved_weights(split / name),
+                            rtol=1e-4, atol=1e-5, what=name)
+
+
+def test_non_finite_loss_on_one_rank_stops_both_and_rank0_creates_the_demo_set(tmp_path):
+    """``--preset demo`` with no data yet: rank 0 writes the demo set once while rank 1 waits,
+    both train; a NaN batch on rank 1 only, at step 2, then stops both ranks at that step with
+    exit status 3 (no hang, no checkpoint)."""
+    data = tmp_path / "demo"  # does not exist yet
+    small = tmp_path / "small.yaml"
+    small.write_text(yaml.safe_dump({**SMALL, "decoder_filters": [8, 8, 8, 8, 8]}))
+    ranks = _gloo_ranks("train", tmp_path, "1:2", "--preset", "demo", "--config", small,
+                        "--data_root", data, "--output_dir", tmp_path / "runs", "--epochs", 1)
+    everything = "\n".join(r[1][-2000:] + r[2][-2000:] for r in ranks)
+    assert [r[0] for r in ranks] == [3, 3], everything
+    assert ("the training loss became non-finite on another process at epoch 1, step 2"
+            in ranks[0][2]), everything
+    assert "the training loss became nan at epoch 1, step 2" in ranks[1][2], everything
+    run = tmp_path / "runs" / "demo"
+    assert not any((run / name).exists() for name in ("best.keras", "final.keras", "state"))
+
+    # the demo set, written once by rank 0 (only it announces it), complete and intact
+    assert sum(r[1].count("creating the synthetic demo set") for r in ranks) == 1, everything
+    assert sorted(p.name for p in data.iterdir()) == ["test", "train", "valid"]  # no leftovers
+    for split, n, stream in (("train", 192, 0), ("valid", 48, 1), ("test", 48, 2)):
+        prepared = PreparedDataset(data / split)
+        assert len(prepared) == n
+        for i in (0, n - 1):
+            image, classes, _, _ = demo_tile(stream, i, 256)
+            assert np.array_equal(prepared[i].image, image), (split, i)
+            assert np.array_equal(prepared[i].classes, classes), (split, i)
