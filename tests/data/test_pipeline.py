@@ -1,3 +1,4 @@
+import albumentations as A
 import cv2
 import keras
 import numpy as np
@@ -245,3 +246,17 @@ def test_resize_mode_shows_the_whole_tile_scaled(demo_data):
     np.testing.assert_array_equal(crop.sample(0, 1)[1], raw.classes[96:160, 96:160])
     with pytest.raises(ValueError, match="resize_mode"):
         SegmentationDataset(demo_data / "valid", size=64, resize_mode="stretch")
+
+
+def test_each_transform_draws_its_own_chance(demo_data):
+    """Every transform of a level is applied with its own probability: with the 7 transforms
+    of level 2 (each p ≤ 0.5) a sample is left untouched about 1 time in 100 (were they drawn
+    together, every other sample would be), and the two flips do not always come together."""
+    image = PreparedDataset(demo_data / "train")[0].image[:64, :64]
+    untouched = sum(np.array_equal(augment_sample(build_augmentation(2), image, [], seed)[0], image)
+                    for seed in range(64))
+    assert untouched <= 6, f"{untouched} of 64 samples were not augmented at level 2"
+    flips = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    seen = {tuple(np.array_equal(augment_sample(flips, image, [], seed)[0], f(image))
+                  for f in (np.fliplr, np.flipud)) for seed in range(32)}
+    assert {(True, False), (False, True)} <= seen, seen  # one flip without the other, both ways

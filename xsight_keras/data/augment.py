@@ -99,6 +99,17 @@ def build_augmentation(level: int):
     return A.Compose(transforms)
 
 
+def _seed_each_transform(transform, rng: np.random.Generator) -> None:
+    """Give ``transform`` and, depth first, every transform inside it its own seed from ``rng``.
+
+    ``Compose.set_random_seed(s)`` hands the same ``s`` to every child, so all of them draw the
+    same numbers: with equal probabilities each sample got every transform or none.
+    """
+    transform.set_random_seed(int(rng.integers(2**31)))
+    for child in getattr(transform, "transforms", ()):
+        _seed_each_transform(child, rng)
+
+
 def augment_sample(aug, image, masks, seed: int):
     """Apply ``aug`` (from :func:`build_augmentation`, or ``None``) jointly, seeded by ``seed``.
 
@@ -107,7 +118,7 @@ def augment_sample(aug, image, masks, seed: int):
     """
     if aug is None:
         return image, masks
-    aug.set_random_seed(int(seed))
+    _seed_each_transform(aug, np.random.default_rng(int(seed)))
     out = aug(image=image, masks=list(masks))
     # albumentations may hand masks back in a common dtype; labels are exact, restore each dtype
     return out["image"], [np.asarray(m).astype(src.dtype, copy=False) for m, src in zip(out["masks"], masks)]
