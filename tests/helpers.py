@@ -33,6 +33,17 @@ def run_script(name: str, *args, timeout: float = 600, **env) -> subprocess.Comp
                           cwd=ROOT, check=False)
 
 
+def script_main(name: str):
+    """The ``main(argv) -> exit status`` of ``scripts/<name>.py``, to run it in this process
+    (no interpreter start-up; errors go to this process' stderr)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
 def numpy_weights(model: keras.Model) -> list[np.ndarray]:
     """Every variable of ``model`` (weights and BatchNorm statistics) as numpy arrays."""
     return [np.array(keras.ops.convert_to_numpy(v)) for v in model.weights]

@@ -3,22 +3,14 @@
 One row per case: (name, entry point, argv builder, expected exit status, message pattern).
 """
 
-import importlib.util
 import re
 
 import cv2
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, XML, region, write_fold
+from tests.helpers import XML, region, script_main, write_fold
 from xsight_keras.data import write_demo_dataset
-
-
-def script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def truncated_pannuke(tmp):
@@ -143,7 +135,7 @@ CASES = [
 def test_bad_input_gives_a_clear_error_and_writes_nothing(tmp_path, capsys, name, entry, make_args, status, pattern):
     argv = make_args(tmp_path)
     before = {p for p in tmp_path.rglob("*")}
-    assert script(entry)(argv) == status
+    assert script_main(entry)(argv) == status
     err = capsys.readouterr().err
     assert re.search(pattern, err), err
     assert "Traceback" not in err

@@ -17,13 +17,24 @@ from xsight_keras.data import write_demo_dataset
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 
 
-def _run_jax(*args, timeout=600, devices=1, **env):
+def _start_jax(*args, devices=1, **env) -> subprocess.Popen:
     env = script_env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
                      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
-    out = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT, check=False)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _finish(proc: subprocess.Popen, timeout=600) -> str:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
+
+
+def _run_jax(*args, timeout=600, devices=1, **env):
+    return _finish(_start_jax(*args, devices=devices, **env), timeout)
 
 
 def test_models_losses_metrics_schedules_and_saving_on_jax(tmp_path):
@@ -35,7 +46,7 @@ def test_demo_training_data_parallel_on_two_jax_devices_with_ema_swa_and_resume(
     then ``--resume --epochs 2`` end with the same weights (final, best with EMA, SWA) and
     metrics. A constant learning rate (a one-cycle schedule over 1 epoch differs from one over
     2); swa_start_epoch 0, so that "averaged 2 epochs" needs the SWA state of the first run.
-    The compiled XLA programs of the first run are reused by the others (a persistent cache)."""
+    The resumed run reuses the compiled XLA programs of the first two (a persistent cache)."""
     write_demo_dataset(tmp_path / "data", {"train": 16, "valid": 4}, seed=0, tile_size=64)
     small = tmp_path / "small.yaml"
     small.write_text("input_size: 64\nval_size: 64\ndecoder_filters: [16, 8, 8, 8, 8]\n"
@@ -45,14 +56,14 @@ def test_demo_training_data_parallel_on_two_jax_devices_with_ema_swa_and_resume(
               "--output_dir", str(tmp_path / "runs"), "--batch_size", "4"]
     cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    out = _run_jax("scripts/train.py", *common, "--experiment_name", "whole", "--epochs", "2",
-                   devices=2, **cache)
+    # the two first runs side by side: start-up and XLA compilation are mostly single-threaded
+    runs = [_start_jax("scripts/train.py", *common, "--experiment_name", name, "--epochs", epochs,
+                       devices=2, **cache) for name, epochs in (("whole", "2"), ("split", "1"))]
+    out = [_finish(proc) for proc in runs][0]
     assert "data parallel on 2 JAX devices" in out
     assert "SWA: averaged 2 epochs" in out
     whole, split = tmp_path / "runs" / "whole", tmp_path / "runs" / "split"
     assert json.loads((whole / "config.json").read_text())["keras_backend"] == "jax"
-    _run_jax("scripts/train.py", *common, "--experiment_name", "split", "--epochs", "1",
-             devices=2, **cache)
     out = _run_jax("scripts/train.py", "--resume", str(split), "--epochs", "2", devices=2, **cache)
     assert "SWA: averaged 2 epochs" in out  # epoch 1 from the saved state
 

@@ -102,16 +102,28 @@ def test_two_gloo_ranks_train_one_model(tmp_path):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
 
 
-def _torchrun(*args, timeout=600):
+def _start_torchrun(*args) -> subprocess.Popen:
     """``torchrun --standalone --nproc_per_node 2`` of ``scripts/train.py`` through the watching
     worker (``ddp_worker.py train``: the script's own ``main``, with each rank's variables and
-    history dumped around ``fit``)."""
+    history dumped around ``fit``), started in the background."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), "train", *map(str, args)]
-    out = subprocess.run(cmd, env=script_env(OMP_NUM_THREADS=1), capture_output=True, text=True,
-                         timeout=timeout, cwd=ROOT, check=False)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    return subprocess.Popen(cmd, env=script_env(OMP_NUM_THREADS=1), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def _finish(proc: subprocess.Popen, timeout=600) -> str:
+    """Wait for a started torchrun; its stdout, after asserting it succeeded."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
+
+
+def _torchrun(*args, timeout=600):
+    return _finish(_start_torchrun(*args), timeout)
 
 
 def _arrays(path, prefix=None) -> list[np.ndarray]:
@@ -192,8 +204,13 @@ def test_torchrun_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     for d in dumps.values():
         d.mkdir()
 
+    # the uninterrupted run and the first part of the split one side by side (start-up is
+    # mostly waiting on imports and the rendezvous)
+    first = _start_torchrun(dumps["first"], "-", *common, "--experiment_name", "split",
+                            "--epochs", 1, "--lr_scaling", "sqrt")
     out = _torchrun(dumps["whole"], "-", *common, "--experiment_name", "whole", "--epochs", 2,
                     "--lr_scaling", "sqrt")
+    _finish(first)
     assert "2 processes × batch 2 = global batch 4" in out
     assert "peak lr 0.00424264 (lr_scaling sqrt)" in out  # the demo's 0.003 × √2
     assert "SWA: averaged 2 epochs" in out
@@ -206,8 +223,6 @@ def test_torchrun_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     np.testing.assert_allclose([logged[best_epoch][k] for k in found], list(found.values()),
                                rtol=1e-4, atol=1e-6, err_msg=f"{list(found)}")
 
-    _torchrun(dumps["first"], "-", *common, "--experiment_name", "split", "--epochs", 1,
-              "--lr_scaling", "sqrt")
     split = runs / "split"
     saved = _arrays(split / "state" / "arrays.npz", "model")
     out = _torchrun(dumps["resumed"], "-", "--resume", split, "--epochs", 2)

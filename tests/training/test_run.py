@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, run_script, script_env
+from tests.helpers import ROOT, run_script, script_env, script_main
 from xsight_keras.config import load_config
 from xsight_keras.training.run import DataNotFoundError, train
 
@@ -209,7 +209,7 @@ def test_non_finite_loss_from_the_command_line_exits_3_and_keeps_the_checkpoints
     assert {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")} == original
 
 
-def test_overwrite_from_the_command_line_replaces_a_run(demo_data, tmp_path):
+def test_overwrite_from_the_command_line_replaces_a_run(demo_data, tmp_path, capsys):
     """An existing run directory: without --overwrite, exit 2 before anything is touched; with
     it, the old files are gone and the new run is complete."""
     run = tmp_path / "runs" / "r"
@@ -222,11 +222,13 @@ def test_overwrite_from_the_command_line_replaces_a_run(demo_data, tmp_path):
     args = ("--preset", "demo", "--config", tiny, "--data_root", demo_data, "--output_dir",
             tmp_path / "runs", "--experiment_name", "r", "--epochs", 1, "--batch_size", 4,
             "--input_size", 32, "--steps_per_epoch", 1)
-    refused = run_script("train", *args)
-    assert refused.returncode == 2 and "already exists" in refused.stderr
-    assert "Traceback" not in refused.stderr and (run / "old_marker.txt").is_file()
-    proc = run_script("train", *args, "--overwrite")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main = script_main("train")  # in this process: no interpreter start-up for each call
+    args = [str(a) for a in args]
+    assert main(args) == 2
+    refused = capsys.readouterr().err
+    assert "already exists" in refused and "Traceback" not in refused
+    assert (run / "old_marker.txt").is_file()
+    assert main(args + ["--overwrite"]) == 0, capsys.readouterr().err[-3000:]
     assert not (run / "old_marker.txt").exists()
     for name in ("config.json", "history.csv", "best.keras", "final.keras", "summary.json"):
         assert (run / name).is_file(), name
