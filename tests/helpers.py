@@ -33,6 +33,24 @@ def run_script(name: str, *args, timeout: float = 600, **env) -> subprocess.Comp
                           cwd=ROOT, check=False)
 
 
+def start_python(*args, env: dict) -> subprocess.Popen:
+    """``python args...`` started in the background from the repository root (stdout and stderr
+    captured as text); wait for it with :func:`finish`."""
+    return subprocess.Popen([sys.executable, *map(str, args)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for a process from :func:`start_python`; assert it succeeded; return its stdout.
+    The process is killed if it is still running when the wait ends (time-out, interrupt)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
+
+
 def script_main(name: str):
     """The ``main(argv) -> exit status`` of ``scripts/<name>.py``, to run it in this process
     (no interpreter start-up; errors go to this process' stderr)."""
@@ -107,7 +125,8 @@ def region(rid, points) -> str:
 
 
 def write_pair(folder: Path, stem: str, regions, size=(40, 50)) -> np.ndarray:
-    """A MoNuSeg image (``<stem>.tif``, random RGB) and its XML; returns the image as written (BGR)."""
+    """A MoNuSeg image (``<stem>.tif``, random RGB) and its XML; returns the image as written
+    (BGR)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)
     cv2.imwrite(str(folder / f"{stem}.tif"), image)

@@ -6,12 +6,11 @@ Skipped when jax is not installed (the ``test`` extra installs its CPU build, so
 import importlib.util
 import json
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, assert_same_weights, saved_weights, script_env
+from tests.helpers import ROOT, assert_same_weights, finish, saved_weights, script_env, start_python
 from xsight_keras.data import write_demo_dataset
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
@@ -20,21 +19,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason=
 def _start_jax(*args, devices=1, **env) -> subprocess.Popen:
     env = script_env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
                      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **env)
-    return subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-
-
-def _finish(proc: subprocess.Popen, timeout=600) -> str:
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    return out
+    return start_python(*args, env=env)
 
 
 def _run_jax(*args, timeout=600, devices=1, **env):
-    return _finish(_start_jax(*args, devices=devices, **env), timeout)
+    return finish(_start_jax(*args, devices=devices, **env), timeout)
 
 
 def test_models_losses_metrics_schedules_and_saving_on_jax(tmp_path):
@@ -59,7 +48,7 @@ def test_demo_training_data_parallel_on_two_jax_devices_with_ema_swa_and_resume(
     # the two first runs side by side: start-up and XLA compilation are mostly single-threaded
     runs = [_start_jax("scripts/train.py", *common, "--experiment_name", name, "--epochs", epochs,
                        devices=2, **cache) for name, epochs in (("whole", "2"), ("split", "1"))]
-    out = [_finish(proc) for proc in runs][0]
+    out = [finish(proc) for proc in runs][0]
     assert "data parallel on 2 JAX devices" in out
     assert "SWA: averaged 2 epochs" in out
     whole, split = tmp_path / "runs" / "whole", tmp_path / "runs" / "split"

@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import ROOT, assert_same_weights, saved_weights, script_env
+from tests.helpers import (
+    ROOT,
+    assert_same_weights,
+    finish,
+    saved_weights,
+    script_env,
+    start_python,
+)
 from xsight_keras.data import PreparedDataset, PreprocessConfig, write_demo_dataset
 from xsight_keras.data.demo import demo_tile
 from xsight_keras.data.loader import EpochBatchSampler
@@ -106,24 +113,12 @@ def _start_torchrun(*args) -> subprocess.Popen:
     """``torchrun --standalone --nproc_per_node 2`` of ``scripts/train.py`` through the watching
     worker (``ddp_worker.py train``: the script's own ``main``, with each rank's variables and
     history dumped around ``fit``), started in the background."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(WORKER), "train", *map(str, args)]
-    return subprocess.Popen(cmd, env=script_env(OMP_NUM_THREADS=1), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
-
-
-def _finish(proc: subprocess.Popen, timeout=600) -> str:
-    """Wait for a started torchrun; its stdout, after asserting it succeeded."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    return out
+    return start_python("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        WORKER, "train", *args, env=script_env(OMP_NUM_THREADS=1))
 
 
 def _torchrun(*args, timeout=600):
-    return _finish(_start_torchrun(*args), timeout)
+    return finish(_start_torchrun(*args), timeout)
 
 
 def _arrays(path, prefix=None) -> list[np.ndarray]:
@@ -210,7 +205,7 @@ def test_torchrun_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
                             "--epochs", 1, "--lr_scaling", "sqrt")
     out = _torchrun(dumps["whole"], "-", *common, "--experiment_name", "whole", "--epochs", 2,
                     "--lr_scaling", "sqrt")
-    _finish(first)
+    finish(first)
     assert "2 processes × batch 2 = global batch 4" in out
     assert "peak lr 0.00424264 (lr_scaling sqrt)" in out  # the demo's 0.003 × √2
     assert "SWA: averaged 2 epochs" in out
