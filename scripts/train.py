@@ -56,16 +56,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in FLAGS and v is not None}
+    from xsight_keras.training.callbacks import NonFiniteLossError
+    from xsight_keras.training.run import DataNotFoundError, train
+
     try:
         if args.resume:
             if args.preset or args.config:
                 raise ValueError("--resume takes the run's own config.json; drop --preset/--config")
+            moved = [f"--{k}" for k in ("output_dir", "experiment_name") if k in overrides]
+            if moved:
+                raise ValueError(f"--resume continues in the folder it is given; drop "
+                                 f"{'/'.join(moved)} (move or copy the run folder instead)")
             config = load_run_config(args.resume, overrides)
         else:
             config = load_config(args.preset, args.config, overrides)
-        from xsight_keras.training.callbacks import NonFiniteLossError
-        from xsight_keras.training.run import DataNotFoundError, train
-
         result = train(config, resume=bool(args.resume))
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)

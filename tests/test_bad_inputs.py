@@ -112,6 +112,12 @@ def run_without_config(tmp):
     return ["--run", str(tmp / "run")]
 
 
+def resume_elsewhere(tmp):
+    (tmp / "run").mkdir()
+    (tmp / "run" / "config.json").write_text("{}")
+    return ["--resume", str(tmp / "run"), "--output_dir", str(tmp / "other")]
+
+
 CASES = [
     ("truncated .npy", "prepare_data", truncated_pannuke, 2, r"images\.npy.*truncated"),
     ("wrong shape", "prepare_data", wrong_shape_pannuke, 2, r"images\.npy: expected \(N, H, W, 3\)"),
@@ -125,6 +131,8 @@ CASES = [
     ("batch larger than the dataset", "train", batch_larger_than_data, 2, r"batch size 64 is larger than the training split"),
     ("output directory not writable", "train", unwritable_output, 2, r"cannot write to the output directory"),
     ("existing run without --overwrite", "train", existing_run, 2, r"already exists.*--overwrite"),
+    ("resume with a preset", "train", lambda t: ["--resume", str(t), "--preset", "demo"], 2, r"--resume takes the run's own config\.json; drop --preset/--config"),
+    ("resume into another folder", "train", resume_elsewhere, 2, r"--resume continues in the folder it is given; drop --output_dir"),
     ("CUDA requested without a GPU", "train", cuda_without_gpu, 2, r"no CUDA GPU is available"),
     ("not a .keras file", "predict", not_a_keras_file, 2, r"model\.keras is not a loadable \.keras model"),
     ("evaluate a folder that is no run", "evaluate", run_without_config, 2, r"is not a run directory"),

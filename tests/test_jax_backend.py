@@ -48,7 +48,11 @@ def test_demo_training_data_parallel_on_two_jax_devices_with_ema_swa_and_resume(
     # the two first runs side by side: start-up and XLA compilation are mostly single-threaded
     runs = [_start_jax("scripts/train.py", *common, "--experiment_name", name, "--epochs", epochs,
                        devices=2, **cache) for name, epochs in (("whole", "2"), ("split", "1"))]
-    out = [finish(proc) for proc in runs][0]
+    try:
+        out = [finish(proc) for proc in runs][0]
+    finally:
+        for proc in runs:
+            proc.kill()
     assert "data parallel on 2 JAX devices" in out
     assert "SWA: averaged 2 epochs" in out
     whole, split = tmp_path / "runs" / "whole", tmp_path / "runs" / "split"

@@ -8,7 +8,12 @@ import pytest
 
 from tests.helpers import run_script
 from xsight_keras.data import PreparedDataset, PreprocessConfig
-from xsight_keras.evaluation import confusion_matrix, evaluate_run, scores_from_confusion
+from xsight_keras.evaluation import (
+    confusion_matrix,
+    evaluate_run,
+    evaluate_split,
+    scores_from_confusion,
+)
 from xsight_keras.inference import Predictor, apply_transform, invert_transform, parse_transforms
 from xsight_keras.inference.instances import PostprocessConfig
 from xsight_keras.viz import plot_dataset_statistics, plot_run_comparison
@@ -121,8 +126,24 @@ def test_scores_from_confusion_by_hand():
 
 
 def test_training_with_tta_validation_logs_tta_scores(trained_run):
-    header = (trained_run / "history.csv").read_text().splitlines()[0]
-    assert "val_tta_mean_fg_dice" in header and "val_tta_dice_dead" in header
+    """``--tta_val`` logs the scores of the whole validation images predicted with all 8
+    transforms: those of the 1-epoch run's best.keras (no EMA) under 8-fold TTA, not plain."""
+    import csv
+
+    with open(trained_run / "history.csv") as f:
+        logged = list(csv.DictReader(f))[-1]
+    assert "val_tta_mean_fg_dice" in logged and "val_tta_dice_dead" in logged
+    config = json.loads((trained_run / "config.json").read_text())
+    assert not config["use_ema"] and config["epochs"] == 1
+    model = keras.models.load_model(trained_run / "best.keras")
+    dataset = PreparedDataset(Path(config["data_root"]) / "valid")
+    preprocess = PreprocessConfig(config["clahe_clip_limit"], config["clahe_grid"], config["zscore"])
+    scores = {tta: evaluate_split(Predictor(model, preprocess, tile_size=64, tta=tta), dataset,
+                                  progress=False, instances=False)["scores"]
+              for tta in (None, "all")}
+    for name in ("mean_fg_dice", "mean_dice"):
+        assert float(logged[f"val_tta_{name}"]) == pytest.approx(scores["all"][name], abs=1e-6)
+        assert abs(scores["all"][name] - scores[None][name]) > 1e-4  # TTA changes the scores
 
 
 def colour_model(kernel, bias) -> keras.Model:

@@ -203,9 +203,12 @@ def test_torchrun_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
     # mostly waiting on imports and the rendezvous)
     first = _start_torchrun(dumps["first"], "-", *common, "--experiment_name", "split",
                             "--epochs", 1, "--lr_scaling", "sqrt")
-    out = _torchrun(dumps["whole"], "-", *common, "--experiment_name", "whole", "--epochs", 2,
-                    "--lr_scaling", "sqrt")
-    finish(first)
+    try:
+        out = _torchrun(dumps["whole"], "-", *common, "--experiment_name", "whole", "--epochs", 2,
+                        "--lr_scaling", "sqrt")
+        finish(first)
+    finally:
+        first.kill()
     assert "2 processes × batch 2 = global batch 4" in out
     assert "peak lr 0.00424264 (lr_scaling sqrt)" in out  # the demo's 0.003 × √2
     assert "SWA: averaged 2 epochs" in out

@@ -64,16 +64,20 @@ def test_attention_unet_run_writes_every_artefact(demo_data, tmp_path, monkeypat
     # what the loaders served, epoch by epoch: the schedules 0:32,1:64 and 0:0,1:2 by hand
     pre = PreprocessConfig(config.clahe_clip_limit, config.clahe_grid, config.zscore)
     common = dict(preprocess=pre, data_format="channels_first", seed=config.seed)
-    for epoch, size, augmented in ((0, 32, False), (1, 64, True)):
-        plain = SegmentationDataset(demo_data / "train", size=size, level=0, **common)
+    for epoch, size, level in ((0, 32, 0), (1, 64, 2)):
+        # the same crops at the scheduled level, and at its neighbours 1 and 3 for contrast
+        at = {lv: SegmentationDataset(demo_data / "train", size=size, level=lv, **common)
+              for lv in {0, max(level - 1, 0), level, level + 1}}
         rows = [(key, x) for e, key, x in served["train"] if e == epoch]
         assert sorted(index for (_, index), _ in rows) == list(range(8)), epoch  # 2 steps × 4
-        changed = 0
+        unlike = {lv: 0 for lv in at}
         for (key_epoch, index), x in rows:
             assert key_epoch == epoch and x.shape == (3, size, size), (epoch, key_epoch, x.shape)
-            changed += not np.array_equal(x, plain.sample(epoch, index)[0])  # same crop, no aug.
-        # (how many a level changes is the augmentation's business: here, that it was applied)
-        assert changed > 0 if augmented else changed == 0, f"epoch {epoch}: {changed} of 8 augmented"
+            np.testing.assert_array_equal(x, at[level].sample(epoch, index)[0])
+            for lv, ds in at.items():
+                unlike[lv] += not np.array_equal(x, ds.sample(epoch, index)[0])
+        # exactly the scheduled level: every other level gives other samples
+        assert all(unlike[lv] > 0 for lv in at if lv != level), f"epoch {epoch}: {unlike} of 8 differ"
         plain_val = SegmentationDataset(demo_data / "valid", size=64, train=False, **common)
         rows = [(key, x) for e, key, x in served["valid"] if e == epoch]
         assert sorted(i for (_, i), _ in rows) == list(range(4)), epoch
@@ -196,7 +200,7 @@ def test_non_finite_loss_from_the_command_line_exits_3_and_keeps_the_checkpoints
     """A resumed run whose learning rate makes the weights overflow in its second epoch: exit
     status 3, one line naming the epoch and the step, no traceback, and the good checkpoints
     of the first epoch stay as they were (in the folder given to --resume, not elsewhere)."""
-    files = ("best.keras", "final.keras", "state/state.json", "history.csv")
+    files = ("best.keras", "final.keras", "state/state.json", "state/arrays.npz", "history.csv")
     before = {name: (run_copy / name).read_bytes() for name in files}
     original = {p: p.stat().st_mtime_ns for p in trained_run.rglob("*")}
     proc = run_script("train", "--resume", run_copy, "--epochs", 2, "--lr", "1e30")
