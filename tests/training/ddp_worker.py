@@ -62,8 +62,7 @@ def main(data_root, out_dir):
     history = model.fit(loader, epochs=4, verbose=0,
                         callbacks=[forget_build_batch, SyncLoaderEpoch(loader)]).history
     out = Path(out_dir)
-    np.savez(out / f"rank{ctx.rank}.npz",
-             **{f"{i}_{v.path}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)})
+    np.savez(out / f"rank{ctx.rank}.npz", **_variables(model))
     (out / f"rank{ctx.rank}.json").write_text(json.dumps({"seen": SEEN, "history": history}))
     if ctx.is_primary:
         model.save(out / "model.keras")

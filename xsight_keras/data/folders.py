@@ -121,7 +121,7 @@ def prepare_folders(src, out, use_augmented: bool = False, channels: int = 3,
     written = []
     for split in splits:
         pairs = find_folder_pairs(src / split, use_augmented)
-        shapes = [read_folder_sample(i, m, channels)[0].shape for i, m in pairs]
+        shapes = [read_image(i, channels).shape for i, _ in pairs]  # masks are read once, below
         with PreparedWriter(Path(out) / split, shapes, CLASS_NAMES, source=str(src / split),
                             extra_meta={"dataset": "folders", "use_augmented": use_augmented}) as w:
             for k, (image_path, mask_path) in enumerate(
