@@ -24,6 +24,16 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from xsight_keras.data.augment import augment_sample, build_augmentation, mixup
 from xsight_keras.data.prepared import PreparedDataset
 from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
+from xsight_keras.heads import (
+    FUSED,
+    SEMANTIC,
+    ClassMapHead,
+    extra_heads,
+    get_head,
+    primary_class_map,
+    scale_of,
+    scale_output,
+)
 
 TARGET_KINDS = ("onehot", "sparse", "binary")
 
@@ -92,11 +102,12 @@ class SegmentationDataset(Dataset):
         resize_mode: ``"crop"`` (random crop for training, central for validation) or ``"resize"``.
         target: ``"onehot"`` float32 (H, W, K), ``"sparse"`` int32 (H, W), or ``"binary"`` float32
             (H, W, 1) = any nucleus.
-        scales: PGU-Net output scales, e.g. ``(1, 2, 4)``: targets become a dict with ``"fused"``
-            and ``"scale_s"`` (nearest-downsampled by s).
-        instance_targets: add ``"instance"`` (H, W, 2) targets for the instance head (normalised
-            distance, contour; see :func:`xsight_keras.inference.instances.instance_targets`);
-            the semantic target is then under ``"semantic"`` (or ``"fused"`` with scales).
+        outputs: the model's output names (:func:`xsight_keras.heads.output_names`); targets
+            are then a dict with one entry per output: class maps (``scale_{s}`` ones
+            nearest-downsampled by s) and each other head's target from the instance map
+            (:meth:`xsight_keras.heads.Head.target`). ``None``: the class map alone, not a dict.
+        scales, instance_targets: the older way to name the outputs: PGU-Net scales (``fused``
+            plus ``scale_{s}``) and/or the instance head.
         data_format: layout of images and one-hot targets, ``"channels_last"`` or ``"channels_first"``.
 
     Item: ``(image float32 (H, W, C), targets, (epoch, index))``.
@@ -106,7 +117,7 @@ class SegmentationDataset(Dataset):
                  preprocess: PreprocessConfig = PreprocessConfig(), target="onehot",
                  num_classes: int | None = None, scales: Iterable[int] | None = None,
                  data_format="channels_last", seed: int = 0, instance_targets: bool = False,
-                 semantic_key: str | None = None):
+                 outputs: Iterable[str] | None = None):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if target not in TARGET_KINDS:
             raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
@@ -122,8 +133,14 @@ class SegmentationDataset(Dataset):
         self.scales = tuple(scales) if scales else None
         self.data_format = data_format
         self.seed = seed
-        self.instance_targets = instance_targets
-        self.semantic_key = semantic_key or ("fused" if self.scales else "semantic")
+        if outputs is None and (self.scales or instance_targets):
+            outputs = ([FUSED] + [scale_output(s) for s in self.scales] if self.scales
+                       else [SEMANTIC]) + [h.name for h in extra_heads(instance_targets)]
+        self.outputs = tuple(outputs) if outputs is not None else None
+        if self.outputs is not None:
+            self.scales = tuple(sorted(s for s in map(scale_of, self.outputs) if s)) or None
+        self.heads = [get_head(name) for name in self.outputs or ()]
+        self.needs_instances = any(h.needs_instances for h in self.heads)
         self._augmentations: dict[int, object] = {}
         self._eye = np.eye(self.num_classes, dtype=np.float32)
 
@@ -158,7 +175,7 @@ class SegmentationDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         item = self.dataset[index]
         image, masks = item.image, [item.classes]
-        if self.instance_targets:
+        if self.needs_instances:
             masks.append(item.instances)
         size = self.size_at(epoch)
         if size is not None:
@@ -173,17 +190,23 @@ class SegmentationDataset(Dataset):
         if self.data_format == "channels_first":
             x = np.ascontiguousarray(x.transpose(2, 0, 1))
         classes = masks[0]
-        if self.scales is None and not self.instance_targets:
+        if self.outputs is None:
             return x, self._targets(classes)
-        targets = {self.semantic_key: self._targets(classes)}
-        for s in self.scales or ():
-            targets[f"scale_{s}"] = self._targets(classes[::s, ::s]) if s > 1 else targets["fused"]
-        if self.instance_targets:
-            from xsight_keras.inference.instances import instance_targets
-
-            t = instance_targets(masks[1])
-            targets["instance"] = t if self.data_format == "channels_last" else np.ascontiguousarray(t.transpose(2, 0, 1))
+        targets = {}
+        for head in self.heads:
+            if isinstance(head, ClassMapHead):
+                s = scale_of(head.name) or 1
+                targets[head.name] = self._targets(classes[::s, ::s] if s > 1 else classes)
+            else:
+                t = head.target(masks[1])
+                targets[head.name] = (t if self.data_format == "channels_last"
+                                      else np.ascontiguousarray(t.transpose(2, 0, 1)))
         return x, targets
+
+    @property
+    def class_map_output(self) -> str | None:
+        """The output whose target is the full-resolution class map (``None``: not a dict)."""
+        return primary_class_map(self.outputs) if self.outputs is not None else None
 
     def __getitem__(self, key):
         epoch, index = key

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from xsight_keras.heads import INSTANCE, get_head, is_class_map
 from xsight_keras.labels import instance_classes, relabel_sequential
 
 
@@ -44,25 +45,28 @@ def separate_instances(probabilities: np.ndarray, instance_maps: np.ndarray | No
                        config: PostprocessConfig = PostprocessConfig()) -> tuple[np.ndarray, np.ndarray]:
     """Turn model outputs into nuclei.
 
-    ``probabilities`` float (H, W, K) class probabilities (K = 1: binary), ``instance_maps``
-    optional float (H, W, 2) (normalised distance, contour probability). Returns ``instances``
+    ``probabilities`` float (H, W, K) class probabilities (K = 1: binary); ``instance_maps``
+    optional: the instance head's float (H, W, 2) maps, or a dict of head outputs (the
+    predictor's :meth:`~xsight_keras.inference.Predictor.predict_maps`) whose first
+    nucleus-separating head supplies the markers. Returns ``instances``
     int32 (H, W) with ids 1..n and ``types`` int (n + 1,) giving each id's class by majority vote
     (``types[0]`` unused).
     """
     fg, labels = foreground_and_labels(probabilities)
-    if instance_maps is not None:
-        distance = instance_maps[..., 0]
-        cores = fg & (distance > config.dist_threshold) & (instance_maps[..., 1] < config.contour_threshold)
+    found = _head_markers(fg, instance_maps, config)
+    if found is not None:
+        cores, surface = found
     else:
         distance = ndimage.distance_transform_edt(fg)
         peak = ndimage.maximum_filter(distance, size=5)
         cores = fg & (distance >= np.maximum(peak * config.dist_threshold, 1.0)) & (distance > 0)
         cores &= distance >= config.dist_threshold * ndimage.maximum_filter(distance, size=15)
+        surface = -distance
     markers, n = ndimage.label(cores)
     if n and config.min_marker_size > 1:
         sizes = np.bincount(markers.ravel())
         markers[sizes[markers] < config.min_marker_size] = 0
-    instances = watershed(-distance, markers, mask=fg).astype(np.int32)
+    instances = watershed(surface, markers, mask=fg).astype(np.int32)
     if config.min_size > 1 and instances.max():
         sizes = np.bincount(instances.ravel())
         instances[sizes[instances] < config.min_size] = 0
@@ -71,28 +75,27 @@ def separate_instances(probabilities: np.ndarray, instance_maps: np.ndarray | No
     return instances, instance_classes(instances, labels, num_classes)
 
 
-def instance_targets(instances: np.ndarray) -> np.ndarray:
-    """Training targets of the instance head from an instance map: float32 (H, W, 2).
+def _head_markers(foreground, maps, config):
+    """Markers and flooding surface from the first head in ``maps`` that separates nuclei
+    (:meth:`xsight_keras.heads.Head.markers`); ``None`` when there is none. ``maps`` is a dict
+    of head outputs (from :meth:`Predictor.predict_maps`), one array (the instance head's), or
+    ``None``."""
+    if maps is None:
+        return None
+    if not isinstance(maps, dict):
+        maps = {INSTANCE: maps}
+    for name, values in maps.items():
+        if not is_class_map(name):
+            found = get_head(name).markers(foreground, values, config)
+            if found is not None:
+                return found
+    return None
 
-    Channel 0: distance to the nucleus border, divided by the nucleus' largest distance (1 at
-    its centre, 0 outside); touching nuclei are kept apart by cutting their shared border first.
-    Channel 1: 1 on each nucleus' inner boundary (pixels with a 4-neighbour of another id).
-    """
-    inst = instances.astype(np.int32)
-    padded = np.pad(inst, 1, mode="edge")
-    differs = np.zeros(inst.shape, bool)
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        differs |= padded[dy:dy + inst.shape[0], dx:dx + inst.shape[1]] != inst
-    contour = differs & (inst > 0)
-    distance = ndimage.distance_transform_edt((inst > 0) & ~contour)
-    top = int(inst.max())
-    if top:
-        peaks = ndimage.maximum(distance, inst, index=np.arange(top + 1))
-        peaks = np.where(np.asarray(peaks) > 0, peaks, 1.0)
-        distance = distance / peaks[inst]
-    out = np.stack([distance, contour], axis=-1).astype(np.float32)
-    out[inst == 0] = 0.0
-    return out
+
+def instance_targets(instances: np.ndarray) -> np.ndarray:
+    """The instance head's training target for an instance map: float32 (H, W, 2); see
+    :meth:`xsight_keras.heads.InstanceHead.target`."""
+    return get_head(INSTANCE).target(instances)
 
 
 def instances_to_geojson(instances: np.ndarray, types=None, class_names=None) -> dict:

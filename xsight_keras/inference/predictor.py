@@ -10,6 +10,14 @@ import keras
 import numpy as np
 
 from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
+from xsight_keras.heads import (
+    INSTANCE,
+    SEMANTIC,
+    as_output_dict,
+    is_class_map,
+    output_names,
+    primary_class_map,
+)
 from xsight_keras.inference.tta import apply_transform, invert_transform, parse_transforms
 
 
@@ -50,6 +58,28 @@ def predict_batch(model: keras.Model, x: np.ndarray):
     return keras.tree.map_structure(lambda v: v[:n], y) if len(x) != n else y
 
 
+def predict_maps(model: keras.Model, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Model outputs for a batch ``x`` (in the model's layout), as float32 channels-last arrays
+    (N, H, W, C) keyed by role: the class probabilities under :data:`~xsight_keras.heads.SEMANTIC`
+    (a PGU-Net's ``fused`` map) and every other head's maps under its name; PGU-Net's
+    deep-supervision ``scale_{s}`` outputs are left out."""
+    channels_first = model_data_format(model) == "channels_first"
+    y = as_output_dict(model, predict_batch(model, x))
+    primary = primary_class_map(y)
+    maps = {SEMANTIC: y[primary]}
+    maps.update((name, v) for name, v in y.items() if not is_class_map(name))
+    out = {}
+    for name, v in maps.items():
+        v = np.asarray(keras.ops.convert_to_numpy(v), np.float32)
+        out[name] = np.moveaxis(v, 1, -1) if channels_first else v
+    return out
+
+
+def class_probabilities(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """float32 (N, H, W, K) class probabilities of a batch ``x`` in the model's layout."""
+    return predict_maps(model, x)[SEMANTIC]
+
+
 def blending_window(size: int, ramp: int, sides=(True, True, True, True)) -> np.ndarray:
     """(size, size) float32 weights for one tile: 1 inside, rising as sin² over ``ramp`` pixels
     from each side in ``sides`` (top, bottom, left, right) that a neighbouring tile overlaps.
@@ -88,7 +118,8 @@ def _positions(length: int, tile: int, stride: int) -> list[int]:
 class Predictor:
     """Predict class probabilities for images of any size with a segmentation model.
 
-    Arguments: ``model`` (outputs probabilities; a PGU-Net's ``fused`` output is used),
+    Arguments: ``model`` (its class map and every other head's maps are predicted; see
+    :func:`predict_maps`),
     ``preprocess`` (the run's :class:`PreprocessConfig`, applied once to the whole image),
     ``tile_size`` (a multiple of the model's size multiple, 32 for the Attention U-Net),
     ``overlap`` (pixels shared by neighbouring tiles, default a quarter tile), ``batch_size`` (tiles per forward pass),
@@ -124,51 +155,51 @@ class Predictor:
         kwargs.setdefault("class_names", config.get("class_names"))
         return cls(model, preprocess, **kwargs)
 
-    def _model_outputs(self, x: np.ndarray) -> np.ndarray:
-        """(N, T, T, C) float32 → (N, T, T, K') float32 model outputs: the semantic map, then
-        the instance head's channels when the model has one."""
+    def _model_outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """(N, T, T, C) float32 → :func:`predict_maps` of the model (channels last)."""
         if self.channels_first:
             x = x.transpose(0, 3, 1, 2)
-        y = predict_batch(self.model, np.ascontiguousarray(x))
-        if isinstance(y, dict):  # semantic map first, then the instance head's channels
-            main = y["fused"] if "fused" in y else y["semantic"]
-            parts = [main] + ([y["instance"]] if "instance" in y else [])
-            y = np.concatenate([np.asarray(keras.ops.convert_to_numpy(v), np.float32)
-                                for v in parts], axis=1 if self.channels_first else -1)
-        y = np.asarray(keras.ops.convert_to_numpy(y), np.float32)
-        return y.transpose(0, 2, 3, 1) if self.channels_first else y
+        return predict_maps(self.model, np.ascontiguousarray(x))
 
-    def _forward(self, tiles: np.ndarray) -> np.ndarray:
-        """(B, T, T, C) float32 → (B, T, T, K) float32 probabilities, TTA averaged.
+    def _forward(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
+        """(B, T, T, C) float32 → {output: (B, T, T, K) float32}, TTA averaged.
 
         The transformed copies of all tiles go through the model together, ``batch_size`` at a
         time (one forward pass for 8-fold TTA of one tile instead of eight: each pass has a
-        fixed cost, large on a GPU)."""
+        fixed cost, large on a GPU). Every map is transformed back the same way, which suits
+        maps that are invariant to flips and rotations (probabilities, distances, contours)."""
         n = len(tiles)
         views = np.concatenate([apply_transform(tiles, k) for k in self.transforms])
-        outputs = np.concatenate([self._model_outputs(views[i:i + self.batch_size])
-                                  for i in range(0, len(views), self.batch_size)])
-        total = sum(invert_transform(outputs[j * n:(j + 1) * n], k)
-                    for j, k in enumerate(self.transforms))
-        return total / len(self.transforms)
+        parts = [self._model_outputs(views[i:i + self.batch_size])
+                 for i in range(0, len(views), self.batch_size)]
+        result = {}
+        for name in parts[0]:
+            outputs = np.concatenate([p[name] for p in parts])
+            total = sum(invert_transform(outputs[j * n:(j + 1) * n], k)
+                        for j, k in enumerate(self.transforms))
+            result[name] = total / len(self.transforms)
+        return result
 
     @property
     def has_instance_head(self) -> bool:
-        return isinstance(self.model.output, dict) and "instance" in self.model.output
+        return INSTANCE in output_names(self.model)
+
+    def predict_maps(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 image (H, W, C) → {output: float32 (H, W, K)}: the class probabilities under
+        :data:`~xsight_keras.heads.SEMANTIC` and every other head's maps under its name."""
+        return self._predict_all(image)
 
     def predict_outputs(self, image: np.ndarray):
         """uint8 image (H, W, C) → (probabilities float32 (H, W, K), instance maps float32
         (H, W, 2) or ``None`` when the model has no instance head)."""
-        out = self._predict_all(image)
-        if self.has_instance_head:
-            return out[..., :-2], out[..., -2:]
-        return out, None
+        maps = self._predict_all(image)
+        return maps[SEMANTIC], maps.get(INSTANCE)
 
     def predict_probabilities(self, image: np.ndarray) -> np.ndarray:
         """uint8 image (H, W, C) → float32 probabilities (H, W, K), any H and W."""
-        return self.predict_outputs(image)[0]
+        return self._predict_all(image)[SEMANTIC]
 
-    def _predict_all(self, image: np.ndarray) -> np.ndarray:
+    def _predict_all(self, image: np.ndarray) -> dict[str, np.ndarray]:
         if image.ndim == 2:
             image = image[..., None]
         if image.dtype != np.uint8:
@@ -189,22 +220,24 @@ class Predictor:
         hp, wp = x.shape[:2]
         stride = t - self.overlap
         coords = [(r, c) for r in _positions(hp, t, stride) for c in _positions(wp, t, stride)]
-        out = weight = None
+        out, weight = {}, np.zeros((hp, wp, 1), np.float32)
         for i in range(0, len(coords), self.batch_size):
             batch = coords[i:i + self.batch_size]
-            probs = self._forward(np.stack([x[r:r + t, c:c + t] for r, c in batch]))
-            if out is None:
-                out = np.zeros((hp, wp, probs.shape[-1]), np.float32)
-                weight = np.zeros((hp, wp, 1), np.float32)
-            for (r, c), p in zip(batch, probs):
+            maps = self._forward(np.stack([x[r:r + t, c:c + t] for r, c in batch]))
+            for name, values in maps.items():
+                if name not in out:
+                    out[name] = np.zeros((hp, wp, values.shape[-1]), np.float32)
+            for j, (r, c) in enumerate(batch):
                 sides = (r > 0, r + t < hp, c > 0, c + t < wp)  # which sides have a neighbour
                 if sides not in self._windows:
                     self._windows[sides] = blending_window(t, self.overlap, sides)[..., None]
                 window = self._windows[sides]
-                out[r:r + t, c:c + t] += p * window
+                for name, values in maps.items():
+                    out[name][r:r + t, c:c + t] += values[j] * window
                 weight[r:r + t, c:c + t] += window
-        out /= weight
-        return out[ph // 2:ph // 2 + h, pw // 2:pw // 2 + w]
+        for v in out.values():
+            v /= weight
+        return {name: v[ph // 2:ph // 2 + h, pw // 2:pw // 2 + w] for name, v in out.items()}
 
     @staticmethod
     def to_labels(probabilities: np.ndarray) -> np.ndarray:

@@ -7,6 +7,7 @@ import os
 import keras
 from keras import layers
 
+from xsight_keras.heads import SEMANTIC, extra_heads
 from xsight_keras.models.encoders import encoder_channels, load_encoder_weights, resnet_features
 from xsight_keras.models.fused_layers import FusedUpSampling2D, TorchOrderConv2D
 from xsight_keras.models.layers import (
@@ -15,7 +16,6 @@ from xsight_keras.models.layers import (
     channel_axis,
     conv_bn_relu,
     image_input,
-    instance_branch,
     output_activation,
 )
 
@@ -47,10 +47,9 @@ def attention_unet(
     two 3×3 conv+BN+ReLU (``dec{i}_block1``, ``dec{i}_block2``) with ``decoder_filters[i-1]``
     filters, then optional dropout. The last stage (stride 1) has no skip.
     ``encoder_weights``: ``None``, ``"imagenet"`` or a torchvision ``.pth``/``.safetensors`` file.
-    ``instance_head=True`` adds a second output and makes the outputs a dict: ``"semantic"`` (the
-    probabilities above) and ``"instance"`` (B, H, W, 2) float32 in [0, 1]: a distance map
-    normalised per nucleus and a contour probability, which separate touching nuclei
-    (:func:`xsight_keras.inference.instances.separate_instances`).
+    ``instance_head=True`` adds the instance head and makes the outputs a dict keyed by head
+    name (:mod:`xsight_keras.heads`): the class map above and the instance head's (B, H, W, 2)
+    float32 maps in [0, 1] (normalised distance, contour) that separate touching nuclei.
     """
     if len(decoder_filters) != 5:
         raise ValueError(f"decoder_filters needs 5 entries (one per stride), got {decoder_filters}")
@@ -75,8 +74,9 @@ def attention_unet(
             d = layers.Dropout(dropout, name=f"dec{i}_dropout")(d)
     logits = TorchOrderConv2D(num_classes, 1, name="head_conv")(d)
     outputs = output_activation(activation, name="probabilities")(logits)
-    if instance_head:
-        outputs = {"semantic": outputs, "instance": instance_branch(d, decoder_filters[-1])}
+    heads = extra_heads(instance_head)
+    if heads:
+        outputs = {SEMANTIC: outputs, **{h.name: h.build(d, decoder_filters[-1]) for h in heads}}
     model = keras.Model(inputs, outputs, name=name or f"attention_unet_{encoder}")
     if encoder_weights is not None:
         load_encoder_weights(model, encoder_weights, encoder)

@@ -83,14 +83,6 @@ def output_activation(activation: str, name: str) -> layers.Layer:
     raise ValueError(f"activation must be 'softmax', 'sigmoid' or None, got {activation!r}")
 
 
-def instance_branch(features, filters: int):
-    """Instance head: conv+BN+ReLU then a 1×1 conv to 2 sigmoid channels (distance, contour),
-    float32. Layers ``instance_block_*``, ``instance_head`` and the output ``instance``."""
-    x = conv_bn_relu(features, filters, "instance_block")
-    x = TorchOrderConv2D(2, 1, name="instance_head")(x)
-    return layers.Activation("sigmoid", dtype="float32", name="instance")(x)
-
-
 @keras.saving.register_keras_serializable(package="xsight_keras")
 class SpatialSizeCheck(layers.Layer):
     """Identity layer that rejects images whose height or width is not a multiple of ``multiple``.

@@ -22,13 +22,13 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from xsight_keras.heads import FUSED, INSTANCE, extra_heads, scale_output
 from xsight_keras.models.fused_layers import FusedUpSampling2D, TorchOrderConv2D
 from xsight_keras.models.layers import (
     SpatialSizeCheck,
     channel_axis,
     conv_bn_relu,
     image_input,
-    instance_branch,
     output_activation,
 )
 from xsight_keras.models.transfer import transfer_weights
@@ -60,12 +60,12 @@ def progressive_unet(
 
     Input: float images (B, H, W, ``in_channels``) with ``in_channels`` 1 (grayscale) or 3 (RGB);
     H and W multiples of 2^stage (native size ``STAGE_RESOLUTIONS[stage]``).
-    Output: a dict of float32 maps with ``num_classes`` channels: ``"fused"`` at H×W and
-    ``"scale_{s}"`` at H/s×W/s for s = 1, 2, …, 2^(stage-1) (one per decoder level), so
+    Output: a dict of float32 maps with ``num_classes`` channels: ``fused`` at H×W and
+    ``scale_{s}`` at H/s×W/s for s = 1, 2, …, 2^(stage-1) (one per decoder level), so
     ``compile(loss={...}, loss_weights={...})`` can supervise every scale. ``activation="auto"``
     is sigmoid for one class (binary masks) and softmax otherwise. Use :func:`inference_view`
-    for a model that returns only the fused map. ``instance_head=True`` adds ``"instance"``
-    (H×W, 2 channels: normalised distance, contour) from the finest decoder level; its weights
+    for a model that returns only the fused map. ``instance_head=True`` adds the instance head
+    (H×W, 2 channels: normalised distance, contour; :mod:`xsight_keras.heads`) from the finest decoder level; its weights
     are new at each stage (its input width changes), everything else transfers.
     """
     if stage not in STAGE_RESOLUTIONS:
@@ -96,16 +96,16 @@ def progressive_unet(
         x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block2")
         logits = TorchOrderConv2D(num_classes, 1, name=f"dec{level}_head")(x)
         scale = 2 ** (stage - level)
-        outputs[f"scale_{scale}"] = output_activation(activation, name=f"scale_{scale}")(logits)
+        outputs[scale_output(scale)] = output_activation(activation, name=scale_output(scale))(logits)
         if scale > 1:
             logits = FusedUpSampling2D(
                 scale, interpolation="bilinear", name=f"fuse_up{scale}"
             )(logits)
         fused_inputs.append(logits)
     fused = fused_inputs[0] if stage == 1 else layers.Average(name="fuse_mean")(fused_inputs)
-    outputs = {"fused": output_activation(activation, name="fused")(fused), **outputs}
-    if instance_head:
-        outputs["instance"] = instance_branch(x, level_filters(stage, base_filters))
+    outputs = {FUSED: output_activation(activation, name=FUSED)(fused), **outputs}
+    for head in extra_heads(instance_head):
+        outputs[head.name] = head.build(x, level_filters(stage, base_filters))
     return keras.Model(inputs, outputs, name=f"progressive_unet_stage{stage}")
 
 
@@ -113,9 +113,9 @@ def progressive_unet_spec(model: keras.Model) -> dict:
     """Recover the :func:`progressive_unet` arguments of a PGU-Net model from its layers."""
     names = {layer.name: layer for layer in model.layers}
     stage = sum(1 for n in names if n.startswith("dec") and n.endswith("_head"))
-    if stage not in STAGE_RESOLUTIONS or "fused" not in names:
+    if stage not in STAGE_RESOLUTIONS or FUSED not in names:
         raise ValueError(f"model {model.name!r} is not a progressive_unet (no dec*_head/fused layers)")
-    fused = names["fused"]
+    fused = names[FUSED]
     if isinstance(fused, layers.Softmax):
         activation = "softmax"
     else:
@@ -132,7 +132,7 @@ def progressive_unet_spec(model: keras.Model) -> dict:
         "dropout": float(dropout),
         "activation": activation,
         "data_format": conv.data_format,
-        "instance_head": "instance" in names,
+        "instance_head": INSTANCE in names,
     }
 
 
@@ -160,4 +160,4 @@ def grow(model: keras.Model, **overrides) -> keras.Model:
 
 def inference_view(model: keras.Model) -> keras.Model:
     """A model sharing ``model``'s weights that returns only the ``fused`` map (a tensor)."""
-    return keras.Model(model.inputs, model.get_layer("fused").output, name=f"{model.name}_fused")
+    return keras.Model(model.inputs, model.get_layer(FUSED).output, name=f"{model.name}_fused")

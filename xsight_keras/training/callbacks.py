@@ -11,7 +11,10 @@ import keras
 import numpy as np
 from keras import ops
 
-from xsight_keras.inference.predictor import Predictor, model_data_format, predict_batch
+from xsight_keras.inference.predictor import (
+    Predictor,
+    class_probabilities,
+)
 from xsight_keras.viz.plots import colourise
 
 
@@ -231,11 +234,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
             if np.isscalar(value) and np.isfinite(value):
                 self.writer.add_scalar(key if key.startswith("val_") else f"train/{key}", value, epoch)
         if self.images is not None and len(self.images):
-            probs = predict_batch(self.model, self.images)
-            if isinstance(probs, dict):
-                probs = probs["fused"] if "fused" in probs else probs["semantic"]
-            if model_data_format(self.model) == "channels_first":
-                probs = np.moveaxis(probs, 1, -1)
+            probs = class_probabilities(self.model, self.images)
             pred = [Predictor.to_labels(p) for p in probs]
             for i, (truth, p) in enumerate(zip(self.labels, pred)):
                 panel = np.concatenate([colourise(truth), colourise(p)], axis=1)

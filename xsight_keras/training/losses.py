@@ -11,6 +11,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from xsight_keras.heads import INSTANCE, scale_of
+
 _EPS = 1e-6
 
 
@@ -208,15 +210,14 @@ class BCEDiceLoss(_SegmentationLoss):
 
 
 def multiscale_losses(loss, output_names, weights=(1.0, 0.5, 0.25, 0.125, 0.0625)):
-    """Loss and loss-weight dicts for PGU-Net's named outputs (``fused``, ``scale_1``, …).
+    """Loss and loss-weight dicts for PGU-Net's class-map outputs (``fused``, ``scale_1``, …).
 
-    The main output (``fused``, or the first name that is not ``scale_*``) gets ``weights[0]``;
-    ``scale_s`` gets the weight of its position after it (finest first). Returns
-    ``(losses, loss_weights)`` for ``model.compile``.
+    The main output (``fused``, or the first name that is not a ``scale_{s}`` output) gets
+    ``weights[0]``; ``scale_{s}`` gets the weight of its position after it (finest first).
+    Returns ``(losses, loss_weights)`` for ``model.compile``.
     """
-    main = [n for n in output_names if not n.startswith("scale_")]
-    names = main[:1] + sorted((n for n in output_names if n.startswith("scale_")),
-                              key=lambda n: int(n.split("_")[1]))
+    main = [n for n in output_names if scale_of(n) is None]
+    names = main[:1] + sorted((n for n in output_names if scale_of(n) is not None), key=scale_of)
     losses = {n: loss for n in names}
     loss_weights = {n: float(weights[min(i, len(weights) - 1)]) for i, n in enumerate(names)}
     return losses, loss_weights
@@ -228,7 +229,7 @@ class InstanceLoss(_SegmentationLoss):
     soft Dice on the contour map (channel 1). ``y_true``/``y_pred`` (B, H, W, 2) in [0, 1]."""
 
     def __init__(self, distance_weight=1.0, contour_weight=1.0, data_format="channels_last",
-                 name="instance", **kwargs):
+                 name=INSTANCE, **kwargs):
         super().__init__(data_format=data_format, name=name, **kwargs)
         self.distance_weight, self.contour_weight = float(distance_weight), float(contour_weight)
         self.dice = SoftDiceLoss(data_format=data_format)
@@ -246,3 +247,15 @@ class InstanceLoss(_SegmentationLoss):
     def get_config(self):
         return {**super().get_config(), "distance_weight": self.distance_weight,
                 "contour_weight": self.contour_weight}
+
+
+#: The losses heads declare by name (:attr:`xsight_keras.heads.Head.loss`).
+HEAD_LOSSES = {"distance_contour": InstanceLoss}
+
+
+def head_loss(head, data_format: str = "channels_last"):
+    """The loss object a head declares (:attr:`xsight_keras.heads.Head.loss`)."""
+    if head.loss not in HEAD_LOSSES:
+        raise ValueError(f"head {head.name!r} declares loss {head.loss!r}; known head losses: "
+                         f"{sorted(HEAD_LOSSES)}")
+    return HEAD_LOSSES[head.loss](data_format=data_format)

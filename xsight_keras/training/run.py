@@ -16,6 +16,7 @@ from xsight_keras.config import RunConfig, parse_batch_sizes
 from xsight_keras.data import PreparedDataset, PreprocessConfig, SegmentationDataset, make_loader
 from xsight_keras.data.demo import write_demo_dataset
 from xsight_keras.files import atomic_write_text
+from xsight_keras.heads import get_head, is_class_map, output_names, primary_class_map
 from xsight_keras.models import attention_unet, grow, progressive_unet
 from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
 from xsight_keras.training.callbacks import (
@@ -42,9 +43,9 @@ from xsight_keras.training.losses import (
     BCEDiceLoss,
     FocalLoss,
     HybridLoss,
-    InstanceLoss,
     SoftDiceLoss,
     class_weights_from_counts,
+    head_loss,
     multiscale_losses,
 )
 from xsight_keras.training.metrics import segmentation_metrics
@@ -184,12 +185,14 @@ def _prepare_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
-def _datasets(config, train_split, val_split, size=None, scales=None):
+def _datasets(config, train_split, val_split, model, size=None):
+    """Training and validation datasets with one target per output of ``model``."""
     pre = PreprocessConfig(config.clahe_clip_limit, config.clahe_grid, config.zscore)
     target = "binary" if config.num_classes == 1 else "onehot"
     train_size = size or (config.size_schedule if config.progressive else config.input_size)
-    common = dict(preprocess=pre, target=target, scales=scales, data_format=config.data_format,
-                  seed=config.seed, instance_targets=config.instance_head,
+    outputs = output_names(model) if isinstance(model.output, dict) else None
+    common = dict(preprocess=pre, target=target, outputs=outputs, data_format=config.data_format,
+                  seed=config.seed,
                   num_classes=max(config.num_classes, 2) if target == "onehot" else None)
     train = SegmentationDataset(train_split, size=train_size, level=config.aug_schedule,
                                 resize_mode=config.resize_mode, train=True, **common)
@@ -238,13 +241,17 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     loss = build_loss(config, train.dataset.pixel_counts)
     metrics = segmentation_metrics(class_names, config.data_format)
     scales = getattr(train, "scales", None)
-    if isinstance(model.output, dict):  # PGU-Net scales and/or an instance head
-        primary = "fused" if "fused" in model.output else "semantic"
-        names = [primary] + [f"scale_{s}" for s in scales or ()]
-        losses, loss_weights = multiscale_losses(loss, names, config.scale_loss_weights)
-        if "instance" in model.output:
-            losses["instance"] = InstanceLoss(data_format=config.data_format)
-            loss_weights["instance"] = config.instance_loss_weight
+    if isinstance(model.output, dict):  # PGU-Net scales and/or extra heads
+        names = output_names(model)
+        primary = primary_class_map(names)
+        losses, loss_weights = multiscale_losses(loss, [n for n in names if is_class_map(n)],
+                                                 config.scale_loss_weights)
+        for name in names:
+            head = get_head(name)
+            if not is_class_map(name):
+                losses[name] = head_loss(head, config.data_format)
+                loss_weights[name] = (float(getattr(config, head.loss_weight_setting))
+                                      if head.loss_weight_setting else 1.0)
         compile_kwargs = {"loss": losses, "loss_weights": loss_weights, "metrics": {primary: metrics}}
         monitor = f"val_{primary}_mean_fg_dice"
     else:
@@ -278,7 +285,7 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     sample = [val.sample(0, i) for i in range(shown)]
     if sample:
         images = np.stack([s[0] for s in sample])
-        first = [s[1][train.semantic_key] if isinstance(s[1], dict) else s[1] for s in sample]
+        first = [s[1][train.class_map_output] if isinstance(s[1], dict) else s[1] for s in sample]
         axis = -1 if config.data_format == "channels_last" else 0
         labels = [np.argmax(t, axis=axis) if t.shape[axis] > 1 else np.take(t, 0, axis=axis) > 0.5
                   for t in first]
@@ -397,7 +404,7 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
             config, train_split, val_split, run_dir, class_names, ema, swa, state)
     else:
         model = build_model(config)
-        train, val = _datasets(config, train_split, val_split)
+        train, val = _datasets(config, train_split, val_split, model)
         history, best_path, monitor, _, train_loader = _fit(
             model, config, train, val, config.batch_size, config.epochs, run_dir, class_names, ema,
             swa, state=state)
@@ -438,8 +445,7 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
                 stage_state = state
                 merged = state["history"]
         model = build_model(config, stage) if model is None else grow(model)
-        scales = tuple(2 ** i for i in range(stage))
-        train, val = _datasets(config, train_split, val_split, size=resolution, scales=scales)
+        train, val = _datasets(config, train_split, val_split, model, size=resolution)
         batch = batch_sizes.get(resolution, config.batch_size)
         print(f"PGU-Net stage {stage}: {resolution}×{resolution}, batch {batch}, "
               f"{config.epochs_per_stage} epochs, {model.count_params():,} parameters")
