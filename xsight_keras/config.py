@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from xsight_keras.data.preprocess import PreprocessConfig
+from xsight_keras.rundir import LEGACY_PREPROCESS_KEYS, RunDir, preprocess_from_settings
+from xsight_keras.training.registries import LOSSES, MODELS, OPTIMIZERS, SCHEDULES
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -43,11 +47,11 @@ class RunConfig:
     resize_mode: str = "crop"  # crop | resize
     use_augmented: bool = False  # folders: include flipped_/mirrored_/rotated_ copies
     num_workers: int = 0
-    clahe_clip_limit: float = 2.0
-    clahe_grid: tuple[int, int] = (8, 8)
-    zscore: str = "image"  # image | dataset | none
+    # CLAHE + z-score (xsight_keras.data.preprocess); in YAML a "preprocess:" mapping, or the
+    # keys clahe_clip_limit, clahe_grid, zscore (image | none | dataset with mean and std)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     mixup_alpha: float = 0.0
-    # model
+    # model (choices: the registries in xsight_keras.training.registries)
     model: str = "attention_unet"  # attention_unet | progressive_unet
     encoder: str = "resnet34"
     encoder_weights: str | None = None  # None | imagenet | path
@@ -56,6 +60,7 @@ class RunConfig:
     dropout: float = 0.0
     data_format: str = "channels_first"  # faster on the torch backend
     instance_head: bool = False  # second output (distance + contour) to separate touching nuclei
+    heads: tuple[str, ...] = ()  # further outputs by declared head name (xsight_keras.heads)
     instance_loss_weight: float = 1.0
     # optimisation
     epochs: int = 50
@@ -110,6 +115,10 @@ FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
 
 def _coerce(name: str, value):
     """Convert YAML/CLI values to the field's type (tuples from lists or comma strings)."""
+    if name == "preprocess":
+        if not isinstance(value, (dict, PreprocessConfig)):
+            raise ValueError(f"expected a mapping of preprocessing settings, got {value!r}")
+        return preprocess_from_settings({"preprocess": value})
     default = getattr(RunConfig(), name)
     kind = FIELD_TYPES[name]
     if value is None:
@@ -117,7 +126,7 @@ def _coerce(name: str, value):
     if isinstance(default, tuple) or "tuple" in str(kind):
         if isinstance(value, str):
             value = [v for v in value.replace(" ", "").split(",") if v]
-        item = float if "float" in str(kind) else int
+        item = float if "float" in str(kind) else str if "str" in str(kind) else int
         return tuple(item(v) for v in value)
     if isinstance(default, bool):
         if isinstance(value, str):
@@ -166,8 +175,15 @@ def load_config(preset: str | None = None, config_file=None, overrides: dict | N
         sources.append((str(config_file), _read_yaml(Path(config_file))))
     if overrides:
         sources.append(("command line", overrides))
+    preprocess: dict[str, Any] = {}
     for source, data in sources:
         for key, value in data.items():
+            if key in LEGACY_PREPROCESS_KEYS:  # a flat preprocessing key: part of "preprocess"
+                preprocess[key] = value
+                key, value = "preprocess", preprocess
+            elif key == "preprocess" and isinstance(value, dict):
+                preprocess.update(value)
+                value = preprocess
             if key not in FIELD_TYPES:
                 raise ValueError(f"{source}: unknown setting {key!r}")
             try:
@@ -184,14 +200,10 @@ def load_run_config(run_dir, overrides: dict | None = None) -> RunConfig:
     (e.g. more ``epochs`` when resuming). The run is where ``run_dir`` is now: ``output_dir`` and
     ``experiment_name`` point there, whatever they were when it started (the folder may have
     been moved or copied, or ``output_dir`` be relative to another working directory)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    run = RunDir.open(run_dir)
+    saved = run.settings
     values = {k: _coerce(k, v) for k, v in saved.items() if k in FIELD_TYPES}
+    values["preprocess"] = run.preprocess  # nested, or the flat keys of older runs
     where = Path(run_dir).resolve()
     values.update(output_dir=str(where.parent), experiment_name=where.name)
     values.update({k: _coerce(k, v) for k, v in (overrides or {}).items()})
@@ -202,13 +214,11 @@ def load_run_config(run_dir, overrides: dict | None = None) -> RunConfig:
 
 def validate_config(config: RunConfig) -> None:
     """Raise ``ValueError`` for settings that cannot work together."""
+    for registry in (MODELS, LOSSES, OPTIMIZERS, SCHEDULES):  # settings that name an object
+        registry.check(getattr(config, registry.kind))
     choices = {
         "dataset": ("demo", "pannuke", "monuseg", "folders"),
-        "model": ("attention_unet", "progressive_unet"),
-        "optimizer": ("adamw", "adam"),
-        "lr_schedule": ("onecycle", "warmup_cosine", "constant"),
         "lr_scaling": ("none", "linear", "sqrt"),
-        "loss": ("hybrid", "dice", "fw_dice", "focal", "ce", "bce_dice"),
         "data_format": ("channels_last", "channels_first"),
         "device": ("auto", "cpu", "cuda"),
         "resize_mode": ("crop", "resize"),

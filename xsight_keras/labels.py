@@ -5,6 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 
+def label_names(class_names) -> list[str]:
+    """Names of the label values 0..K-1 for a model's output channel names: a binary model's
+    single channel (``["nucleus"]``) means labels background (0) and that class (1)."""
+    names = list(class_names)
+    return ["background", names[0]] if len(names) == 1 else names
+
+
 def relabel_sequential(instances: np.ndarray) -> tuple[np.ndarray, int]:
     """Renumber an int instance map (any shape) to ids 1..n in increasing id order, 0 staying 0.
 

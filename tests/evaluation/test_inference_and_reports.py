@@ -16,6 +16,7 @@ from xsight_keras.evaluation import (
 )
 from xsight_keras.inference import Predictor, apply_transform, invert_transform, parse_transforms
 from xsight_keras.inference.instances import PostprocessConfig
+from xsight_keras.rundir import RunDir
 from xsight_keras.viz import plot_dataset_statistics, plot_run_comparison
 
 RAW = PreprocessConfig(clahe_clip_limit=0, zscore="none")
@@ -137,7 +138,7 @@ def test_training_with_tta_validation_logs_tta_scores(trained_run):
     assert not config["use_ema"] and config["epochs"] == 1
     model = keras.models.load_model(trained_run / "best.keras")
     dataset = PreparedDataset(Path(config["data_root"]) / "valid")
-    preprocess = PreprocessConfig(config["clahe_clip_limit"], config["clahe_grid"], config["zscore"])
+    preprocess = RunDir.open(trained_run).preprocess
     scores = {tta: evaluate_split(Predictor(model, preprocess, tile_size=64, tta=tta), dataset,
                                   progress=False, instances=False)["scores"]
               for tta in (None, "all")}

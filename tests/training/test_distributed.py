@@ -20,10 +20,11 @@ from tests.helpers import (
     script_env,
     start_python,
 )
-from xsight_keras.data import PreparedDataset, PreprocessConfig, write_demo_dataset
+from xsight_keras.data import PreparedDataset, write_demo_dataset
 from xsight_keras.data.demo import demo_tile
 from xsight_keras.data.loader import EpochBatchSampler
 from xsight_keras.data.preprocess import preprocess_image
+from xsight_keras.rundir import RunDir
 from xsight_keras.training.distributed import scaled_learning_rate
 
 WORKER = ROOT / "tests" / "training" / "ddp_worker.py"
@@ -151,10 +152,8 @@ def _validate_whole_split(run, data_root):
     """The validation metrics of ``best.keras`` over the whole split, in this single process,
     computed here with numpy: focal loss (mean over all pixels) and Dice per class from one
     confusion matrix (a class absent from truth and prediction scores 1)."""
-    config = json.loads((run / "config.json").read_text())
     split = PreparedDataset(data_root / "valid")
-    pre = PreprocessConfig(config["clahe_clip_limit"], tuple(config["clahe_grid"]),
-                           config["zscore"])
+    pre = RunDir.open(run).preprocess
     samples = [split[i] for i in range(len(split))]
     x = np.stack([preprocess_image(s.image, pre).transpose(2, 0, 1) for s in samples])
     classes = np.stack([s.classes for s in samples])

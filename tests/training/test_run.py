@@ -44,7 +44,7 @@ def record_served_samples(monkeypatch):
 
 
 def test_attention_unet_run_writes_every_artefact(demo_data, tmp_path, monkeypatch):
-    from xsight_keras.data import PreprocessConfig, SegmentationDataset
+    from xsight_keras.data import SegmentationDataset
 
     served = record_served_samples(monkeypatch)
     config = load_config("demo", overrides={
@@ -62,7 +62,7 @@ def test_attention_unet_run_writes_every_artefact(demo_data, tmp_path, monkeypat
     saved = json.loads((run / "config.json").read_text())
     assert saved["encoder"] == "resnet18" and saved["epochs"] == 2 and saved["class_names"][4] == "dead"
     # what the loaders served, epoch by epoch: the schedules 0:32,1:64 and 0:0,1:2 by hand
-    pre = PreprocessConfig(config.clahe_clip_limit, config.clahe_grid, config.zscore)
+    pre = config.preprocess
     common = dict(preprocess=pre, data_format="channels_first", seed=config.seed)
     for epoch, size, level in ((0, 32, 0), (1, 64, 2)):
         # the same crops at the scheduled level, and at its neighbours 1 and 3 for contrast

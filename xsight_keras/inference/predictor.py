@@ -3,9 +3,6 @@ optional test-time augmentation. Memory is bounded by one batch of tiles plus th
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import keras
 import numpy as np
 
@@ -19,18 +16,7 @@ from xsight_keras.heads import (
     primary_class_map,
 )
 from xsight_keras.inference.tta import apply_transform, invert_transform, parse_transforms
-
-
-def load_model_file(path) -> keras.Model:
-    """``keras.models.load_model`` in safe mode with an error that names the file when it is
-    missing or not a ``.keras`` model (``FileNotFoundError`` / ``ValueError``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:  # the package's custom objects are registered by importing xsight_keras
-        return keras.models.load_model(path, safe_mode=True)
-    except Exception as exc:  # zip, JSON and deserialisation errors alike
-        raise ValueError(f"{path} is not a loadable .keras model: {type(exc).__name__}: {exc}") from exc
+from xsight_keras.rundir import RunDir, load_model_file
 
 
 def model_data_format(model: keras.Model) -> str:
@@ -144,15 +130,10 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir, model_path=None, **kwargs) -> Predictor:
         """A predictor with a run's best checkpoint (or ``model_path``) and its preprocessing."""
-        run_dir = Path(run_dir)
-        config_path = run_dir / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-        config = json.loads(config_path.read_text())
-        model = load_model_file(Path(model_path) if model_path else run_dir / "best.keras")
-        preprocess = PreprocessConfig(config["clahe_clip_limit"], tuple(config["clahe_grid"]),
-                                      config["zscore"])
-        kwargs.setdefault("class_names", config.get("class_names"))
+        run = RunDir.open(run_dir)
+        model = load_model_file(model_path) if model_path else run.load_model("best")
+        preprocess = run.preprocess
+        kwargs.setdefault("class_names", run.class_names)
         return cls(model, preprocess, **kwargs)
 
     def _model_outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:

@@ -247,15 +247,3 @@ class InstanceLoss(_SegmentationLoss):
     def get_config(self):
         return {**super().get_config(), "distance_weight": self.distance_weight,
                 "contour_weight": self.contour_weight}
-
-
-#: The losses heads declare by name (:attr:`xsight_keras.heads.Head.loss`).
-HEAD_LOSSES = {"distance_contour": InstanceLoss}
-
-
-def head_loss(head, data_format: str = "channels_last"):
-    """The loss object a head declares (:attr:`xsight_keras.heads.Head.loss`)."""
-    if head.loss not in HEAD_LOSSES:
-        raise ValueError(f"head {head.name!r} declares loss {head.loss!r}; known head losses: "
-                         f"{sorted(HEAD_LOSSES)}")
-    return HEAD_LOSSES[head.loss](data_format=data_format)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from xsight_keras.labels import label_names
+
 # Every SegmentationScore of a model sees the same (y_true, y_pred) tensors in a step; the
 # confusion counts are computed once and shared (holding the tensors makes the identity test safe).
 _last_counts: dict = {"key": None, "counts": None}
@@ -100,10 +102,8 @@ def segmentation_metrics(class_names, data_format: str = "channels_last") -> lis
     ``class_names``: names of the K output channels (index 0 = background for K > 1). For a binary
     model (K = 1) pass ``["nucleus"]``: scores then cover background (0) and nucleus (1).
     """
-    names = [n.lower().replace(" ", "_") for n in class_names]
-    k = len(names)
-    if k == 1:
-        names = ["background", names[0]]
+    k = len(class_names)
+    names = [n.lower().replace(" ", "_") for n in label_names(class_names)]
     ids = range(len(names))
     metrics = [SegmentationScore(k, [c], "dice", data_format, name=f"dice_{names[c]}") for c in ids]
     metrics += [

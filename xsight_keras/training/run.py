@@ -13,12 +13,14 @@ import keras
 import numpy as np
 
 from xsight_keras.config import RunConfig, parse_batch_sizes
-from xsight_keras.data import PreparedDataset, PreprocessConfig, SegmentationDataset, make_loader
+from xsight_keras.data import PreparedDataset, SegmentationDataset, make_loader
 from xsight_keras.data.demo import write_demo_dataset
 from xsight_keras.files import atomic_write_text
 from xsight_keras.heads import get_head, is_class_map, output_names, primary_class_map
-from xsight_keras.models import attention_unet, grow, progressive_unet
+from xsight_keras.labels import label_names
+from xsight_keras.models import grow
 from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
+from xsight_keras.rundir import RunDir
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
     ExponentialMovingAverage,
@@ -39,18 +41,9 @@ from xsight_keras.training.distributed import (
     scaled_learning_rate,
 )
 from xsight_keras.training.host_memory import keep_freed_memory_in_process
-from xsight_keras.training.losses import (
-    BCEDiceLoss,
-    FocalLoss,
-    HybridLoss,
-    SoftDiceLoss,
-    class_weights_from_counts,
-    head_loss,
-    multiscale_losses,
-)
+from xsight_keras.training.losses import class_weights_from_counts, multiscale_losses
 from xsight_keras.training.metrics import segmentation_metrics
-from xsight_keras.training.optimizers import FusedAdam, FusedAdamW
-from xsight_keras.training.schedules import OneCycle, WarmupCosine
+from xsight_keras.training.registries import LOSSES, MODELS, OPTIMIZERS, SCHEDULES, head_loss
 from xsight_keras.training.state import (
     EpochSeeder,
     SyncLoaderEpoch,
@@ -119,54 +112,26 @@ def resolve_splits(config: RunConfig) -> tuple[PreparedDataset, PreparedDataset]
 
 def build_model(config: RunConfig, stage: int | None = None) -> keras.Model:
     """The model the configuration describes (PGU-Net at ``stage``, default the first)."""
-    if config.model == "progressive_unet":
-        return progressive_unet(stage or config.stages[0], config.in_channels, config.num_classes,
-                                base_filters=config.base_filters, dropout=config.dropout,
-                                instance_head=config.instance_head)
-    activation = "sigmoid" if config.num_classes == 1 else "softmax"
-    return attention_unet(config.num_classes, config.encoder, config.encoder_weights,
-                          config.decoder_filters, config.dropout, activation, config.in_channels,
-                          instance_head=config.instance_head)
+    return MODELS.build(config.model, config, stage)
 
 
 def build_loss(config: RunConfig, pixel_counts=None):
     """The loss the configuration names, with frequency weights from ``pixel_counts`` if enabled."""
-    df = config.data_format
     weights = None
     if config.frequency_weighting and pixel_counts is not None and config.num_classes > 1:
         weights = class_weights_from_counts(pixel_counts)
-    if config.loss == "hybrid":
-        return HybridLoss(config.dice_weight, config.focal_weight, config.boundary_weight, weights,
-                          config.focal_gamma, config.focal_alpha, data_format=df)
-    if config.loss == "dice":
-        return SoftDiceLoss(data_format=df)
-    if config.loss == "fw_dice":
-        return SoftDiceLoss(weights, data_format=df, name="fw_dice")
-    if config.loss == "focal":
-        return FocalLoss(config.focal_gamma, config.focal_alpha, data_format=df)
-    if config.loss == "bce_dice":
-        return BCEDiceLoss(data_format=df)
-    return keras.losses.CategoricalCrossentropy(axis=-1 if df == "channels_last" else 1)
+    return LOSSES.build(config.loss, config, weights)
 
 
 def build_optimizer(config: RunConfig, steps_per_epoch: int, epochs: int, world_size: int = 1):
-    """AdamW/Adam (Keras' arithmetic, PyTorch's fused kernel on the torch backend: see
-    :mod:`.optimizers`) with the configured schedule and global-norm gradient clipping; the peak
-    learning rate is scaled for ``world_size`` processes by ``config.lr_scaling``."""
+    """The configured optimizer (AdamW/Adam: Keras' arithmetic, PyTorch's fused kernel on the
+    torch backend, see :mod:`.optimizers`) with the configured schedule and global-norm gradient
+    clipping; the peak learning rate is scaled for ``world_size`` processes by
+    ``config.lr_scaling``."""
     total = max(steps_per_epoch * epochs, 1)
     peak = scaled_learning_rate(config.lr, world_size, config.lr_scaling)
-    if config.lr_schedule == "onecycle":
-        lr = OneCycle(peak, total)
-    elif config.lr_schedule == "warmup_cosine":
-        lr = WarmupCosine(peak, total, config.warmup_epochs * steps_per_epoch, config.min_lr_factor)
-    else:
-        lr = peak
-    kwargs = {"learning_rate": lr, "global_clipnorm": config.grad_clip_val or None}
-    if config.optimizer == "adamw":
-        opt = FusedAdamW(weight_decay=config.weight_decay, **kwargs)
-        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])  # no decay on BN/bias
-        return opt
-    return FusedAdam(**kwargs)
+    lr = SCHEDULES.build(config.lr_schedule, config, peak, total, steps_per_epoch)
+    return OPTIMIZERS.build(config.optimizer, config, lr)
 
 
 def _prepare_run_dir(config: RunConfig) -> Path:
@@ -187,7 +152,7 @@ def _prepare_run_dir(config: RunConfig) -> Path:
 
 def _datasets(config, train_split, val_split, model, size=None):
     """Training and validation datasets with one target per output of ``model``."""
-    pre = PreprocessConfig(config.clahe_clip_limit, config.clahe_grid, config.zscore)
+    pre = config.preprocess
     target = "binary" if config.num_classes == 1 else "onehot"
     train_size = size or (config.size_schedule if config.progressive else config.input_size)
     outputs = output_names(model) if isinstance(model.output, dict) else None
@@ -266,8 +231,8 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     train_loader = make_loader(train, batch_size, num_workers=config.num_workers,
                                mixup_alpha=config.mixup_alpha, start_epoch=initial_epoch, **shard)
     val_loader = make_loader(val, batch_size, num_workers=0, **shard)
-    best_path = run_dir / (f"best{tag}.keras")
-    csv_path = run_dir / f"history{tag}.csv"
+    run = RunDir(run_dir)
+    best_path, csv_path = run.checkpoint("best", stage), run.history_csv(stage)
     callbacks = [EpochSeeder(config.seed), SyncLoaderEpoch(train_loader), StopOnNonFiniteLoss(ctx),
                  ScheduleLogger(train)]
     if ema is not None:
@@ -316,7 +281,7 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
 
 def print_class_table(metrics: dict, class_names, prefix="val_") -> str:
     """Format per-class Dice of a metrics dict as a table (also printed)."""
-    names = ["background", class_names[0]] if len(class_names) == 1 else class_names
+    names = label_names(class_names)
     lines = [f"{'class':16s} {'Dice':>7s}"]
     for name in names:
         key = f"{prefix}dice_{name.lower().replace(' ', '_')}"
@@ -396,7 +361,7 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
                                       "keras_backend": keras.backend.backend(),
                                       "processes": ctx.world_size}
     if ctx.is_primary:
-        atomic_write_text(run_dir / "config.json", json.dumps(config_dict, indent=2))
+        RunDir(run_dir).write_settings(config_dict)
     ema = ExponentialMovingAverage(config.ema_decay) if config.use_ema else None
     swa = StochasticWeightAveraging(config.swa_start_epoch) if config.use_swa else None
     if config.model == "progressive_unet":
@@ -410,12 +375,12 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
             swa, state=state)
     if not ctx.is_primary:  # rank 0 writes the final files and the summary
         return RunResult(run_dir, history, seconds=time.time() - start)
-    save_model_atomically(model, run_dir / "final.keras")
+    save_model_atomically(model, RunDir(run_dir).checkpoint("final"))
     result = RunResult(run_dir, history)
     if swa is not None and swa.average is not None:
         averaged = swa.averaged_model()
         used = update_batch_norm(averaged, train_loader, max_batches=50)
-        save_model_atomically(averaged, run_dir / "swa.keras")
+        save_model_atomically(averaged, RunDir(run_dir).checkpoint("swa"))
         print(f"SWA: averaged {swa.count} epochs, BatchNorm re-estimated on {used} batches")
     if best_path.exists():
         last_val = {k: v[-1] for k, v in history.items() if k.startswith("val_")}
@@ -455,7 +420,7 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
         merged = history
         if ema is not None:
             ema.shadow = None  # the next stage has new weights: restart the average
-    final_best = run_dir / "best.keras"
+    final_best = RunDir(run_dir).checkpoint("best")
     if current_context().is_primary:
         shutil.copyfile(best_path, final_best)
     return merged, final_best, monitor, model, train_loader

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 from keras import ops
 
-STATE_DIR = "state"
+from xsight_keras.rundir import STATE_DIR
 
 
 def _numpy(values) -> list[np.ndarray]:
