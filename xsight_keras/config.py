@@ -53,7 +53,7 @@ class RunConfig:
     mixup_alpha: float = 0.0
     # model (choices: the registries in xsight_keras.training.registries)
     model: str = "attention_unet"  # attention_unet | progressive_unet
-    encoder: str = "resnet34"
+    encoder: str = "resnet34"  # any name in xsight_keras.models.available_encoders()
     encoder_weights: str | None = None  # None | imagenet | path
     decoder_filters: tuple[int, ...] = (256, 128, 64, 32, 16)
     base_filters: int = 32  # progressive_unet
@@ -223,6 +223,11 @@ def validate_config(config: RunConfig) -> None:
         "device": ("auto", "cpu", "cuda"),
         "resize_mode": ("crop", "resize"),
     }
+    # The registry imports no Keras itself; importing it here, not at module level, keeps this
+    # module free of the model code (the encoder families register when the package loads).
+    from xsight_keras.models.encoders.registry import available_encoders
+
+    choices["encoder"] = tuple(available_encoders())
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {getattr(config, key)!r}")

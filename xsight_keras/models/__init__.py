@@ -1,12 +1,17 @@
-"""Model families: Attention U-Net on ResNet encoders, and the Progressive Growing U-Net."""
+"""Model families: Attention U-Net on any registered encoder, and the Progressive Growing U-Net."""
 
 from xsight_keras.models.attention_unet import SIZE_MULTIPLE, attention_unet
 from xsight_keras.models.encoders import (
     RESNET_SPECS,
+    Encoder,
+    available_encoders,
+    build_encoder,
     encoder_channels,
     find_imagenet_checkpoint,
+    get_encoder,
     load_encoder_weights,
     read_state_dict,
+    register_encoder,
     resnet_encoder,
     resnet_features,
 )
@@ -31,15 +36,19 @@ __all__ = [
     "RESNET_SPECS",
     "SIZE_MULTIPLE",
     "STAGE_RESOLUTIONS",
+    "Encoder",
     "FusedBatchNormalization",
     "FusedUpSampling2D",
     "SpatialSizeCheck",
     "TorchOrderConv2D",
     "attention_gate",
     "attention_unet",
+    "available_encoders",
+    "build_encoder",
     "conv_bn_relu",
     "encoder_channels",
     "find_imagenet_checkpoint",
+    "get_encoder",
     "grow",
     "inference_view",
     "load_encoder_weights",
@@ -47,6 +56,7 @@ __all__ = [
     "progressive_unet",
     "progressive_unet_spec",
     "read_state_dict",
+    "register_encoder",
     "resnet_encoder",
     "resnet_features",
     "store_kernel_in_torch_order",

@@ -1,4 +1,4 @@
-"""Attention U-Net (Oktay et al. 2018) on a ResNet encoder, as a Functional Keras model."""
+"""Attention U-Net (Oktay et al. 2018) on any registered encoder, as a Functional Keras model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import keras
 from keras import layers
 
 from xsight_keras.heads import SEMANTIC, extra_heads
-from xsight_keras.models.encoders import encoder_channels, load_encoder_weights, resnet_features
+from xsight_keras.models.encoders import get_encoder
 from xsight_keras.models.fused_layers import FusedUpSampling2D, TorchOrderConv2D
 from xsight_keras.models.layers import (
     SpatialSizeCheck,
@@ -35,7 +35,7 @@ def attention_unet(
     name: str | None = None,
     instance_head: bool = False,
 ) -> keras.Model:
-    """Build an Attention U-Net with a ResNet encoder.
+    """Build an Attention U-Net on the encoder ``encoder`` (any name in ``available_encoders()``).
 
     Input: float images (B, H, W, ``input_channels``) (channels first under that data format),
     typically CLAHE + z-score normalised; H and W multiples of 32, checked with a clear error.
@@ -45,7 +45,8 @@ def attention_unet(
     The five decoder stages each upsample 2× (nearest), gate the encoder skip of that stride with
     an additive attention gate driven by the upsampled decoder features, concatenate, and apply
     two 3×3 conv+BN+ReLU (``dec{i}_block1``, ``dec{i}_block2``) with ``decoder_filters[i-1]``
-    filters, then optional dropout. The last stage (stride 1) has no skip.
+    filters, then optional dropout. The last stage (stride 1) has no skip, nor has a stage whose
+    stride the encoder does not provide (e.g. stride 2 for ConvNeXt).
     ``encoder_weights``: ``None``, ``"imagenet"`` or a torchvision ``.pth``/``.safetensors`` file.
     ``instance_head=True`` adds the instance head and makes the outputs a dict keyed by head
     name (:mod:`xsight_keras.heads`): the class map above and the instance head's (B, H, W, 2)
@@ -59,10 +60,11 @@ def attention_unet(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     inputs = image_input(input_channels, input_size)
     x = SpatialSizeCheck(SIZE_MULTIPLE, name="size_check")(inputs)
-    features = resnet_features(x, encoder)
-    skips = features[-2::-1] + [None]  # strides 16, 8, 4, 2, then none at full resolution
-    skip_channels = encoder_channels(encoder)[-2::-1] + (None,)
-    d = features[-1]
+    backbone = get_encoder(encoder)
+    features = backbone.features(x)  # {stride: tensor}, always stride 32
+    skips = [features.get(s) for s in (16, 8, 4, 2)] + [None]  # none at full resolution
+    skip_channels = [backbone.channels.get(s) for s in (16, 8, 4, 2)] + [None]
+    d = features[32]
     for i, (filters, skip, channels) in enumerate(zip(decoder_filters, skips, skip_channels), 1):
         d = FusedUpSampling2D(2, interpolation="nearest", name=f"dec{i}_up")(d)
         if skip is not None:
@@ -79,5 +81,5 @@ def attention_unet(
         outputs = {SEMANTIC: outputs, **{h.name: h.build(d, decoder_filters[-1]) for h in heads}}
     model = keras.Model(inputs, outputs, name=name or f"attention_unet_{encoder}")
     if encoder_weights is not None:
-        load_encoder_weights(model, encoder_weights, encoder)
+        backbone.load_weights(model, encoder_weights)
     return model
