@@ -6,7 +6,7 @@ registers its encoders, plus its name on the import line below.
 """
 
 # The encoder families: importing a module registers its encoders.
-from xsight_keras.models.encoders import resnet  # noqa: F401
+from xsight_keras.models.encoders import convnext, resnet  # noqa: F401
 from xsight_keras.models.encoders.base import (
     ALLOWED_STRIDES,
     ENCODER_PREFIX,
