@@ -18,6 +18,17 @@ def _restore_keras_globals():
     keras.config.set_dtype_policy(policy)
 
 
+@pytest.fixture(autouse=True)
+def _builders_follow_keras_image_data_format(monkeypatch):
+    """Model builders given no ``data_format`` pick the backend's fast layout (channels_first on
+    torch; tested in tests/models/test_model_config.py). The other tests choose the layout with
+    ``keras.config.set_image_data_format`` (the ``data_format`` fixture runs them in both), so
+    here a builder without ``data_format`` follows that setting."""
+    from xsight_keras.models import base
+
+    monkeypatch.setattr(base, "default_data_format", keras.config.image_data_format)
+
+
 @pytest.fixture(params=["channels_last", "channels_first"])
 def data_format(request):
     """Run a test once per image data format."""

@@ -53,7 +53,7 @@ class Head:
     channels: int | None = None
     loss: str | None = None
     loss_weight_setting: str | None = None
-    needs_instances = False  # whether its target is computed from the instance map
+    needs_instances = True  # whether its target is computed from the instance map
 
     def activation(self, num_classes: int) -> str:
         return "sigmoid"
@@ -78,6 +78,7 @@ class ClassMapHead(Head):
     Target: one-hot (or binary) class maps, made by the loader from the class map."""
 
     channels = None
+    needs_instances = False
 
     def __init__(self, name: str):
         self.name = name
@@ -96,7 +97,6 @@ class InstanceHead(Head):
     channels = 2
     loss = "distance_contour"
     loss_weight_setting = "instance_loss_weight"
-    needs_instances = True
 
     def target(self, instances: np.ndarray) -> np.ndarray:
         """float32 (H, W, 2) from an instance map (H, W): the normalised distance (touching
@@ -166,9 +166,17 @@ def is_class_map(name: str) -> bool:
     return isinstance(get_head(name), ClassMapHead)
 
 
-def extra_heads(instance_head: bool = False) -> list[Head]:
-    """The heads a model gets besides its class maps, from the configuration's switches."""
-    return [HEADS[INSTANCE]] if instance_head else []
+def extra_heads(instance_head: bool = False, names=()) -> list[Head]:
+    """The heads a model gets besides its class maps: the instance head when ``instance_head``,
+    and the declared heads ``names`` (in that order, each once)."""
+    wanted = ([INSTANCE] if instance_head else []) + list(names or ())
+    heads = []
+    for name in dict.fromkeys(wanted):
+        head = get_head(name)
+        if isinstance(head, ClassMapHead):
+            raise ValueError(f"{name!r} is a class map, not an extra head")
+        heads.append(head)
+    return heads
 
 
 def output_names(model_or_outputs) -> list[str]:

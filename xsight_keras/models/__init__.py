@@ -1,6 +1,7 @@
 """Model families: Attention U-Net on any registered encoder, and the Progressive Growing U-Net."""
 
-from xsight_keras.models.attention_unet import SIZE_MULTIPLE, attention_unet
+from xsight_keras.models.attention_unet import SIZE_MULTIPLE, AttentionUNet, attention_unet
+from xsight_keras.models.base import SegmentationModel, default_data_format, describe_model
 from xsight_keras.models.encoders import (
     RESNET_SPECS,
     Encoder,
@@ -25,6 +26,7 @@ from xsight_keras.models.fused_layers import (
 from xsight_keras.models.layers import SpatialSizeCheck, attention_gate, conv_bn_relu
 from xsight_keras.models.progressive_unet import (
     STAGE_RESOLUTIONS,
+    ProgressiveUNet,
     grow,
     inference_view,
     progressive_unet,
@@ -33,6 +35,11 @@ from xsight_keras.models.progressive_unet import (
 from xsight_keras.models.transfer import transfer_weights
 
 __all__ = [
+    "AttentionUNet",
+    "ProgressiveUNet",
+    "SegmentationModel",
+    "default_data_format",
+    "describe_model",
     "RESNET_SPECS",
     "SIZE_MULTIPLE",
     "STAGE_RESOLUTIONS",

@@ -8,6 +8,7 @@ import keras
 from keras import layers
 
 from xsight_keras.heads import SEMANTIC, extra_heads
+from xsight_keras.models.base import SegmentationModel
 from xsight_keras.models.encoders import get_encoder
 from xsight_keras.models.fused_layers import FusedUpSampling2D, TorchOrderConv2D
 from xsight_keras.models.layers import (
@@ -34,7 +35,9 @@ def attention_unet(
     input_size: tuple[int, int] | None = None,
     name: str | None = None,
     instance_head: bool = False,
-) -> keras.Model:
+    heads: tuple[str, ...] = (),
+    data_format: str | None = None,
+) -> AttentionUNet:
     """Build an Attention U-Net on the encoder ``encoder`` (any name in ``available_encoders()``).
 
     Input: float images (B, H, W, ``input_channels``) (channels first under that data format),
@@ -50,36 +53,62 @@ def attention_unet(
     ``encoder_weights``: ``None``, ``"imagenet"`` or a torchvision ``.pth``/``.safetensors`` file.
     ``instance_head=True`` adds the instance head and makes the outputs a dict keyed by head
     name (:mod:`xsight_keras.heads`): the class map above and the instance head's (B, H, W, 2)
-    float32 maps in [0, 1] (normalised distance, contour) that separate touching nuclei.
+    float32 maps in [0, 1] (normalised distance, contour) that separate touching nuclei;
+    ``heads`` adds further declared heads by name.
+    ``data_format``: ``channels_first``/``channels_last``; ``None`` is the backend's fast layout
+    (:func:`xsight_keras.models.base.default_data_format`). The model is an
+    :class:`AttentionUNet` and keeps these arguments (``model.arguments``, ``get_config()``).
     """
-    if len(decoder_filters) != 5:
-        raise ValueError(f"decoder_filters needs 5 entries (one per stride), got {decoder_filters}")
-    if input_channels not in (1, 3):
-        raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    inputs = image_input(input_channels, input_size)
-    x = SpatialSizeCheck(SIZE_MULTIPLE, name="size_check")(inputs)
-    backbone = get_encoder(encoder)
-    features = backbone.features(x)  # {stride: tensor}, always stride 32
-    skips = [features.get(s) for s in (16, 8, 4, 2)] + [None]  # none at full resolution
-    skip_channels = [backbone.channels.get(s) for s in (16, 8, 4, 2)] + [None]
-    d = features[32]
-    for i, (filters, skip, channels) in enumerate(zip(decoder_filters, skips, skip_channels), 1):
-        d = FusedUpSampling2D(2, interpolation="nearest", name=f"dec{i}_up")(d)
-        if skip is not None:
-            gated = attention_gate(skip, d, max(channels // 2, 8), name=f"dec{i}_att")
-            d = layers.Concatenate(axis=channel_axis(), name=f"dec{i}_concat")([d, gated])
-        d = conv_bn_relu(d, filters, f"dec{i}_block1")
-        d = conv_bn_relu(d, filters, f"dec{i}_block2")
-        if dropout:
-            d = layers.Dropout(dropout, name=f"dec{i}_dropout")(d)
-    logits = TorchOrderConv2D(num_classes, 1, name="head_conv")(d)
-    outputs = output_activation(activation, name="probabilities")(logits)
-    heads = extra_heads(instance_head)
-    if heads:
-        outputs = {SEMANTIC: outputs, **{h.name: h.build(d, decoder_filters[-1]) for h in heads}}
-    model = keras.Model(inputs, outputs, name=name or f"attention_unet_{encoder}")
+    model = AttentionUNet(num_classes=num_classes, encoder=encoder, decoder_filters=decoder_filters,
+                          dropout=dropout, activation=activation, input_channels=input_channels,
+                          input_size=input_size, instance_head=instance_head, heads=heads,
+                          data_format=data_format, name=name)
     if encoder_weights is not None:
-        backbone.load_weights(model, encoder_weights)
+        get_encoder(encoder).load_weights(model, encoder_weights)
     return model
+
+
+@keras.saving.register_keras_serializable(package="xsight_keras")
+class AttentionUNet(SegmentationModel):
+    """The Attention U-Net built by :func:`attention_unet` (which also imports encoder weights);
+    its configuration is the builder's arguments."""
+
+    family = "attention_unet"
+    ARGUMENTS = {"num_classes": 6, "encoder": "resnet34",
+                 "decoder_filters": (256, 128, 64, 32, 16), "dropout": 0.0,
+                 "activation": "softmax", "input_channels": 3, "input_size": None,
+                 "instance_head": False, "heads": ()}
+
+    def _default_name(self, encoder, **arguments) -> str:
+        return f"attention_unet_{encoder}"
+
+    def _graph(self, num_classes, encoder, decoder_filters, dropout, activation, input_channels,
+               input_size, instance_head, heads):
+        if len(decoder_filters) != 5:
+            raise ValueError(f"decoder_filters needs 5 entries (one per stride), got {decoder_filters}")
+        if input_channels not in (1, 3):
+            raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        inputs = image_input(input_channels, input_size)
+        x = SpatialSizeCheck(SIZE_MULTIPLE, name="size_check")(inputs)
+        backbone = get_encoder(encoder)
+        features = backbone.features(x)  # {stride: tensor}, always stride 32
+        skips = [features.get(s) for s in (16, 8, 4, 2)] + [None]  # none at full resolution
+        skip_channels = [backbone.channels.get(s) for s in (16, 8, 4, 2)] + [None]
+        d = features[32]
+        for i, (filters, skip, channels) in enumerate(zip(decoder_filters, skips, skip_channels), 1):
+            d = FusedUpSampling2D(2, interpolation="nearest", name=f"dec{i}_up")(d)
+            if skip is not None:
+                gated = attention_gate(skip, d, max(channels // 2, 8), name=f"dec{i}_att")
+                d = layers.Concatenate(axis=channel_axis(), name=f"dec{i}_concat")([d, gated])
+            d = conv_bn_relu(d, filters, f"dec{i}_block1")
+            d = conv_bn_relu(d, filters, f"dec{i}_block2")
+            if dropout:
+                d = layers.Dropout(dropout, name=f"dec{i}_dropout")(d)
+        logits = TorchOrderConv2D(num_classes, 1, name="head_conv")(d)
+        outputs = output_activation(activation, name="probabilities")(logits)
+        extra = extra_heads(instance_head, heads)
+        if extra:
+            outputs = {SEMANTIC: outputs, **{h.name: h.build(d, decoder_filters[-1]) for h in extra}}
+        return inputs, outputs

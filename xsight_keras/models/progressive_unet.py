@@ -23,6 +23,7 @@ import keras
 from keras import layers
 
 from xsight_keras.heads import FUSED, INSTANCE, extra_heads, scale_output
+from xsight_keras.models.base import SegmentationModel
 from xsight_keras.models.fused_layers import FusedUpSampling2D, TorchOrderConv2D
 from xsight_keras.models.layers import (
     SpatialSizeCheck,
@@ -55,7 +56,9 @@ def progressive_unet(
     activation: str | None = "auto",
     input_size: tuple[int, int] | None = None,
     instance_head: bool = False,
-) -> keras.Model:
+    heads: tuple[str, ...] = (),
+    data_format: str | None = None,
+) -> ProgressiveUNet:
     """Build PGU-Net stage ``stage`` (1–4).
 
     Input: float images (B, H, W, ``in_channels``) with ``in_channels`` 1 (grayscale) or 3 (RGB);
@@ -66,51 +69,85 @@ def progressive_unet(
     is sigmoid for one class (binary masks) and softmax otherwise. Use :func:`inference_view`
     for a model that returns only the fused map. ``instance_head=True`` adds the instance head
     (H×W, 2 channels: normalised distance, contour; :mod:`xsight_keras.heads`) from the finest decoder level; its weights
-    are new at each stage (its input width changes), everything else transfers.
+    are new at each stage (its input width changes), everything else transfers; ``heads``
+    adds further declared heads by name. ``data_format``: ``None`` is the backend's fast layout
+    (:func:`xsight_keras.models.base.default_data_format`). The model is a
+    :class:`ProgressiveUNet` and keeps these arguments (``model.arguments``), which
+    :func:`grow` reads.
     """
-    if stage not in STAGE_RESOLUTIONS:
-        raise ValueError(f"stage must be one of 1, 2, 3, 4, got {stage}")
-    if in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
-    if activation == "auto":
-        activation = _default_activation(num_classes)
-    axis = channel_axis()
-    inputs = image_input(in_channels, input_size)
-    x = SpatialSizeCheck(2**stage, name="size_check")(inputs)
-    x = conv_bn_relu(x, level_filters(stage + 1, base_filters), f"stem{stage}", kernel_size=1)
-    skips = {}
-    for level in range(stage, 0, -1):
-        x = conv_bn_relu(x, level_filters(level, base_filters), f"enc{level}_block1")
-        x = conv_bn_relu(x, level_filters(level, base_filters), f"enc{level}_block2")
-        skips[level] = x
-        x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
-    x = conv_bn_relu(x, 16 * base_filters, "bottleneck_block1")
-    x = conv_bn_relu(x, 16 * base_filters, "bottleneck_block2")
-    if dropout:
-        x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
-    outputs, fused_inputs = {}, []
-    for level in range(1, stage + 1):
-        x = FusedUpSampling2D(2, interpolation="nearest", name=f"dec{level}_up")(x)
-        x = layers.Concatenate(axis=axis, name=f"dec{level}_concat")([x, skips[level]])
-        x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block1")
-        x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block2")
-        logits = TorchOrderConv2D(num_classes, 1, name=f"dec{level}_head")(x)
-        scale = 2 ** (stage - level)
-        outputs[scale_output(scale)] = output_activation(activation, name=scale_output(scale))(logits)
-        if scale > 1:
-            logits = FusedUpSampling2D(
-                scale, interpolation="bilinear", name=f"fuse_up{scale}"
-            )(logits)
-        fused_inputs.append(logits)
-    fused = fused_inputs[0] if stage == 1 else layers.Average(name="fuse_mean")(fused_inputs)
-    outputs = {FUSED: output_activation(activation, name=FUSED)(fused), **outputs}
-    for head in extra_heads(instance_head):
-        outputs[head.name] = head.build(x, level_filters(stage, base_filters))
-    return keras.Model(inputs, outputs, name=f"progressive_unet_stage{stage}")
+    return ProgressiveUNet(stage=stage, in_channels=in_channels, num_classes=num_classes,
+                           base_filters=base_filters, dropout=dropout, activation=activation,
+                           input_size=input_size, instance_head=instance_head, heads=heads,
+                           data_format=data_format)
+
+
+@keras.saving.register_keras_serializable(package="xsight_keras")
+class ProgressiveUNet(SegmentationModel):
+    """PGU-Net stage ``stage`` as built by :func:`progressive_unet`; its configuration is the
+    builder's arguments (``activation`` resolved: ``"auto"`` is stored as what it chose)."""
+
+    family = "progressive_unet"
+    ARGUMENTS = {"stage": 1, "in_channels": 3, "num_classes": 1, "base_filters": 32,
+                 "dropout": 0.0, "activation": "auto", "input_size": None,
+                 "instance_head": False, "heads": ()}
+
+    def __init__(self, **arguments):
+        if arguments.get("activation", "auto") == "auto":
+            arguments["activation"] = _default_activation(arguments.get("num_classes", 1))
+        super().__init__(**arguments)
+
+    def _default_name(self, stage, **arguments) -> str:
+        return f"progressive_unet_stage{stage}"
+
+    def _graph(self, stage, in_channels, num_classes, base_filters, dropout, activation,
+               input_size, instance_head, heads):
+        if stage not in STAGE_RESOLUTIONS:
+            raise ValueError(f"stage must be one of 1, 2, 3, 4, got {stage}")
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+        if activation == "auto":
+            activation = _default_activation(num_classes)
+        axis = channel_axis()
+        inputs = image_input(in_channels, input_size)
+        x = SpatialSizeCheck(2**stage, name="size_check")(inputs)
+        x = conv_bn_relu(x, level_filters(stage + 1, base_filters), f"stem{stage}", kernel_size=1)
+        skips = {}
+        for level in range(stage, 0, -1):
+            x = conv_bn_relu(x, level_filters(level, base_filters), f"enc{level}_block1")
+            x = conv_bn_relu(x, level_filters(level, base_filters), f"enc{level}_block2")
+            skips[level] = x
+            x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+        x = conv_bn_relu(x, 16 * base_filters, "bottleneck_block1")
+        x = conv_bn_relu(x, 16 * base_filters, "bottleneck_block2")
+        if dropout:
+            x = layers.Dropout(dropout, name="bottleneck_dropout")(x)
+        outputs, fused_inputs = {}, []
+        for level in range(1, stage + 1):
+            x = FusedUpSampling2D(2, interpolation="nearest", name=f"dec{level}_up")(x)
+            x = layers.Concatenate(axis=axis, name=f"dec{level}_concat")([x, skips[level]])
+            x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block1")
+            x = conv_bn_relu(x, level_filters(level, base_filters), f"dec{level}_block2")
+            logits = TorchOrderConv2D(num_classes, 1, name=f"dec{level}_head")(x)
+            scale = 2 ** (stage - level)
+            outputs[scale_output(scale)] = output_activation(activation, name=scale_output(scale))(logits)
+            if scale > 1:
+                logits = FusedUpSampling2D(
+                    scale, interpolation="bilinear", name=f"fuse_up{scale}"
+                )(logits)
+            fused_inputs.append(logits)
+        fused = fused_inputs[0] if stage == 1 else layers.Average(name="fuse_mean")(fused_inputs)
+        outputs = {FUSED: output_activation(activation, name=FUSED)(fused), **outputs}
+        for head in extra_heads(instance_head, heads):
+            outputs[head.name] = head.build(x, level_filters(stage, base_filters))
+        return inputs, outputs
 
 
 def progressive_unet_spec(model: keras.Model) -> dict:
-    """Recover the :func:`progressive_unet` arguments of a PGU-Net model from its layers."""
+    """The :func:`progressive_unet` arguments of a PGU-Net model: ``model.arguments`` for a
+    :class:`ProgressiveUNet`; recovered from the layers of a plain Functional PGU-Net (a
+    ``.keras`` file saved before models kept their configuration)."""
+    if isinstance(model, ProgressiveUNet):
+        return model.arguments
     names = {layer.name: layer for layer in model.layers}
     stage = sum(1 for n in names if n.startswith("dec") and n.endswith("_head"))
     if stage not in STAGE_RESOLUTIONS or FUSED not in names:
@@ -143,17 +180,14 @@ def grow(model: keras.Model, **overrides) -> keras.Model:
     receive ``model``'s weights; the new outer level ``k+1`` and its stem start from a fresh
     initialisation. ``overrides`` change builder arguments (e.g. ``dropout``).
     """
-    spec = progressive_unet_spec(model)
+    if isinstance(model, ProgressiveUNet):
+        spec = model.arguments  # stage, widths, heads, data format and dtype policy as built
+    else:  # a model saved before models kept their configuration: read it from the layers
+        spec = progressive_unet_spec(model)
     if spec["stage"] >= MAX_STAGE:
         raise ValueError(f"model is already stage {MAX_STAGE}, the last PGU-Net stage")
-    data_format = spec.pop("data_format")
     spec.update(overrides, stage=spec["stage"] + 1)
-    previous = keras.config.image_data_format()
-    keras.config.set_image_data_format(data_format)
-    try:
-        grown = progressive_unet(**spec)
-    finally:
-        keras.config.set_image_data_format(previous)
+    grown = ProgressiveUNet(**spec)
     transfer_weights(model, grown)
     return grown
 

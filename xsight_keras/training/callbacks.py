@@ -15,6 +15,7 @@ from xsight_keras.inference.predictor import (
     Predictor,
     class_probabilities,
 )
+from xsight_keras.models.base import clone_architecture
 from xsight_keras.viz.plots import colourise
 
 
@@ -134,7 +135,7 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         """A clone of the model with the averaged weights, or ``None`` before ``start_epoch``."""
         if self.average is None:
             return None
-        clone = keras.models.clone_model(self.model)
+        clone = clone_architecture(self.model)
         clone.set_weights([a.astype(w.dtype) for a, w in zip(self.average, self.model.get_weights())])
         return clone
 

@@ -41,14 +41,16 @@ def _attention_unet(config, stage=None):
     activation = "sigmoid" if config.num_classes == 1 else "softmax"
     return attention_unet(config.num_classes, config.encoder, config.encoder_weights,
                           config.decoder_filters, config.dropout, activation, config.in_channels,
-                          instance_head=config.instance_head)
+                          instance_head=config.instance_head, heads=config.heads,
+                          data_format=config.data_format)
 
 
 @MODELS.register("progressive_unet")
 def _progressive_unet(config, stage=None):
     return progressive_unet(stage or config.stages[0], config.in_channels, config.num_classes,
                             base_filters=config.base_filters, dropout=config.dropout,
-                            instance_head=config.instance_head)
+                            instance_head=config.instance_head, heads=config.heads,
+                            data_format=config.data_format)
 
 
 def _axis(config) -> int:
