@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,10 @@ from xsight_keras.data.preprocess import PreprocessConfig
 from xsight_keras.rundir import LEGACY_PREPROCESS_KEYS, RunDir, preprocess_from_settings
 from xsight_keras.training.registries import LOSSES, MODELS, OPTIMIZERS, SCHEDULES
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The presets are package data (``xsight_keras/configs/<name>.yaml``), read through
+# importlib.resources so that they are found in an installed wheel as in a clone (where the
+# top-level ``configs`` is a link to this folder).
+CONFIG_DIR = resources.files(__package__) / "configs"
 
 
 @dataclass
@@ -155,8 +159,15 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def _preset_files() -> dict:
+    """Preset name → its YAML file (a ``Traversable``: ``is_file``, ``read_text``)."""
+    return {entry.name.removesuffix(".yaml"): entry for entry in CONFIG_DIR.iterdir()
+            if entry.name.endswith(".yaml") and entry.is_file()}
+
+
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    """The names ``load_config(preset=...)`` accepts, sorted."""
+    return sorted(_preset_files())
 
 
 def load_config(preset: str | None = None, config_file=None, overrides: dict | None = None) -> RunConfig:
@@ -167,8 +178,8 @@ def load_config(preset: str | None = None, config_file=None, overrides: dict | N
     values: dict[str, Any] = {}
     sources = []
     if preset:
-        path = CONFIG_DIR / f"{preset}.yaml"
-        if not path.is_file():
+        path = _preset_files().get(preset)
+        if path is None:
             raise FileNotFoundError(f"unknown preset {preset!r}; available: {available_presets()}")
         sources.append((str(path), _read_yaml(path)))
     if config_file:
