@@ -21,6 +21,9 @@ the median of ``--repeats`` timings after warm-up, variants timed in turns.
 resident memory (VmHWM, Linux).
 ``all``: each of the above in its own process, float32 and (on CUDA) mixed_float16, both data
 formats for the Attention U-Net; prints one table and the JSON.
+
+A developer tool, not a console command of the package: it needs a clone (the plain-PyTorch
+twin in ``benchmarks/``, and it starts itself again by this file's path).
 """
 
 from __future__ import annotations

@@ -1,33 +1,14 @@
 #!/usr/bin/env python
-"""Training curves of several runs on one figure and their final per-class Dice.
+"""``xsight-compare-runs`` from a clone, without installing the package (the command is
+``xsight_keras/cli/compare_runs.py``); the PyTorch backend unless KERAS_BACKEND is set."""
 
-    python scripts/compare_runs.py outputs/pannuke outputs/pannuke_backup --out comparison.png
-"""
-
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
+os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.viz.plots import plot_run_comparison
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+")
-    parser.add_argument("--out", default="comparison.png")
-    args = parser.parse_args(argv)
-    try:
-        path = plot_run_comparison(args.runs, args.out)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
+from xsight_keras.cli.compare_runs import main
 
 if __name__ == "__main__":
     sys.exit(main())

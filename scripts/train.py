@@ -1,85 +1,14 @@
 #!/usr/bin/env python
-"""Train a nucleus-segmentation model from a preset, a config file and command-line overrides.
+"""``xsight-train`` from a clone, without installing the package (the command is
+``xsight_keras/cli/train.py``); the PyTorch backend unless KERAS_BACKEND is set."""
 
-    python scripts/train.py --preset demo
-    python scripts/train.py --preset pannuke --data_root data/pannuke --experiment_name pannuke_r1
-    python scripts/train.py --preset papsmear --epochs_per_stage 20 --batch_sizes 32:64,64:32,128:16,256:8
-
-    python scripts/train.py --resume outputs/pannuke_r1      # after a crash or a kill
-
-Every flag overrides the preset's value; the resolved configuration is written to
-outputs/<experiment_name>/config.json. Missing data or bad settings exit with status 2, a NaN or
-infinite loss with status 3.
-"""
-
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.config import available_presets, load_config, load_run_config
-
-# flag -> type; booleans take an optional value (--use_swa, --use_swa false)
-FLAGS = {
-    "epochs": int, "batch_size": int, "lr": float, "dropout": float, "weight_decay": float,
-    "warmup_epochs": int, "min_lr_factor": float, "early_stopping_patience": int,
-    "grad_clip_val": float, "use_mixed_precision": bool, "use_swa": bool, "swa_start_epoch": int,
-    "data_root": str, "progressive": bool, "epochs_per_stage": int, "batch_sizes": str,
-    "output_dir": str, "experiment_name": str, "use_augmented": bool, "num_workers": int,
-    "device": str, "seed": int, "use_ema": bool, "mixup_alpha": float, "encoder": str,
-    "encoder_weights": str, "input_size": int, "size_schedule": str, "aug_schedule": str,
-    "loss": str, "lr_schedule": str, "optimizer": str, "steps_per_epoch": int,
-    "data_format": str, "overwrite": bool, "jit_compile": bool, "tta_val": bool,
-    "instance_head": bool, "lr_scaling": str,
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", help=f"one of {available_presets()}")
-    parser.add_argument("--config", help="a YAML file of settings (applied after the preset)")
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue an interrupted run from its last complete epoch (its own "
-                             "config.json; flags such as --epochs still override)")
-    for flag, kind in FLAGS.items():
-        if kind is bool:
-            parser.add_argument(f"--{flag}", nargs="?", const="true", default=None, metavar="BOOL")
-        else:
-            parser.add_argument(f"--{flag}", type=kind, default=None)
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k in FLAGS and v is not None}
-    from xsight_keras.training.callbacks import NonFiniteLossError
-    from xsight_keras.training.run import DataNotFoundError, train
-
-    try:
-        if args.resume:
-            if args.preset or args.config:
-                raise ValueError("--resume takes the run's own config.json; drop --preset/--config")
-            moved = [f"--{k}" for k in ("output_dir", "experiment_name") if k in overrides]
-            if moved:
-                raise ValueError(f"--resume continues in the folder it is given; drop "
-                                 f"{'/'.join(moved)} (move or copy the run folder instead)")
-            config = load_run_config(args.resume, overrides)
-        else:
-            config = load_config(args.preset, args.config, overrides)
-        result = train(config, resume=bool(args.resume))
-    except NonFiniteLossError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
-    except (DataNotFoundError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"run directory: {result.run_dir} ({result.seconds:.0f} s)")
-    return 0
-
+from xsight_keras.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

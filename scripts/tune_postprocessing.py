@@ -1,38 +1,14 @@
 #!/usr/bin/env python
-"""Tune the watershed that turns predictions into nuclei, on a run's validation split.
+"""``xsight-tune-postprocessing`` from a clone, without installing the package (the command is
+``xsight_keras/cli/tune_postprocessing.py``); the PyTorch backend unless KERAS_BACKEND is set."""
 
-    python scripts/tune_postprocessing.py --run outputs/demo [--split valid] [--limit 50]
-
-Writes <run>/postprocess.json (read by evaluate.py and predict.py) and the whole search to
-<run>/postprocess_search.json.
-"""
-
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.evaluation.tuning import tune_run
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True)
-    parser.add_argument("--split", default="valid")
-    parser.add_argument("--limit", type=int, help="use only the first N images")
-    args = parser.parse_args(argv)
-    try:
-        result = tune_run(args.run, args.split, args.limit)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"best {result['metric']} = {result['score']:.4f} with {result['best']}")
-    return 0
-
+from xsight_keras.cli.tune_postprocessing import main
 
 if __name__ == "__main__":
     sys.exit(main())

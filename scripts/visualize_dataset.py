@@ -1,39 +1,14 @@
 #!/usr/bin/env python
-"""Class distribution (pixels and nuclei per class, per tissue for PanNuke) and a sample grid.
+"""``xsight-visualize-dataset`` from a clone, without installing the package (the command is
+``xsight_keras/cli/visualize_dataset.py``); the PyTorch backend unless KERAS_BACKEND is set."""
 
-    python scripts/visualize_dataset.py data/demo/train [--out figures/]
-"""
-
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-from pathlib import Path
 
+os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from xsight_keras.data import PreparedDataset
-from xsight_keras.viz.plots import plot_dataset_statistics
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("split", help="a prepared split folder")
-    parser.add_argument("--out", help="output folder (default: the split folder)")
-    parser.add_argument("--n", type=int, default=8, help="samples in the grid")
-    args = parser.parse_args(argv)
-    try:
-        dataset = PreparedDataset(args.split)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out or args.split)
-    out.mkdir(parents=True, exist_ok=True)
-    for path in plot_dataset_statistics(dataset, out / "class_distribution.png", out / "samples.png", args.n):
-        print(f"wrote {path}")
-    return 0
-
+from xsight_keras.cli.visualize_dataset import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,55 +1,14 @@
 #!/usr/bin/env python
-"""A grid of image | ground truth | prediction | overlay for samples of a split.
+"""``xsight-visualize-predictions`` from a clone, without installing the package (the command is
+``xsight_keras/cli/visualize_predictions.py``); the PyTorch backend unless KERAS_BACKEND is set."""
 
-    python scripts/visualize_predictions.py                 # latest run under outputs/, test split
-    python scripts/visualize_predictions.py --run outputs/demo --split valid --n 6 --tta
-"""
-
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np
-
-from xsight_keras.evaluation.evaluate import run_split
-from xsight_keras.inference import Predictor
-from xsight_keras.viz.plots import latest_run, plot_prediction_grid, run_class_names
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", help="run directory (default: the latest under --output_dir)")
-    parser.add_argument("--output_dir", default="outputs")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--n", type=int, default=6)
-    parser.add_argument("--tta", action="store_true")
-    parser.add_argument("--out", help="PNG path (default <run>/predictions_<split>.png)")
-    args = parser.parse_args(argv)
-    try:
-        run = Path(args.run) if args.run else latest_run(args.output_dir)
-        config, folder, dataset = run_split(run, args.split)
-        predictor = Predictor.from_run(run, tta="all" if args.tta else None)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    idx = np.linspace(0, len(dataset) - 1, min(args.n, len(dataset))).astype(int)
-    samples = []
-    for i in idx:
-        s = dataset[int(i)]
-        pred = predictor.predict_labels(s.image)
-        truth = (s.classes > 0).astype(np.uint8) if config["num_classes"] == 1 else s.classes
-        samples.append((s.image, truth, pred))
-    out = Path(args.out) if args.out else run / f"predictions_{args.split}.png"
-    plot_prediction_grid(samples, run_class_names(run), out, title=f"{run.name} — {folder}")
-    print(f"wrote {out}")
-    return 0
-
+from xsight_keras.cli.visualize_predictions import main
 
 if __name__ == "__main__":
     sys.exit(main())

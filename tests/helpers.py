@@ -52,14 +52,12 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 
 
 def script_main(name: str):
-    """The ``main(argv) -> exit status`` of ``scripts/<name>.py``, to run it in this process
-    (no interpreter start-up; errors go to this process' stderr)."""
-    import importlib.util
+    """The ``main(argv) -> exit status`` of the command ``scripts/<name>.py`` runs
+    (``xsight_keras.cli.<name>``), to run it in this process (no interpreter start-up; errors go
+    to this process' stderr)."""
+    import importlib
 
-    spec = importlib.util.spec_from_file_location(f"scripts_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return importlib.import_module(f"xsight_keras.cli.{name}").main
 
 
 def numpy_weights(model: keras.Model) -> list[np.ndarray]:
