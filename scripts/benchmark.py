@@ -154,12 +154,14 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict:
 
 def _synthetic_batch(batch, size, classes, data_format, scales=(), seed=0):
     """Float32 images and one-hot targets (a dict per PGU-Net scale when ``scales``)."""
+    from xsight_keras.heads import FUSED, scale_output
+
     rng = np.random.default_rng(seed)
     x = rng.normal(size=(batch, 3, size, size)).astype("float32")
     y = np.eye(classes, dtype="float32")[rng.integers(0, classes, (batch, size, size))]
     y = y.transpose(0, 3, 1, 2).copy()
     if scales:
-        y = {"fused": y, **{f"scale_{s}": y[:, :, ::s, ::s].copy() for s in scales}}
+        y = {FUSED: y, **{scale_output(s): y[:, :, ::s, ::s].copy() for s in scales}}
     if data_format == "channels_last":
         to_last = lambda a: np.ascontiguousarray(a.transpose(0, 2, 3, 1))
         x = to_last(x)
@@ -170,6 +172,7 @@ def _synthetic_batch(batch, size, classes, data_format, scales=(), seed=0):
 def _keras_model(name, data_format, policy, jit_compile, optimizer="fused_adamw"):
     import keras
 
+    from xsight_keras.heads import scale_of
     from xsight_keras.models import attention_unet, progressive_unet
     from xsight_keras.training import FusedAdamW
     from xsight_keras.training.losses import HybridLoss, multiscale_losses
@@ -178,11 +181,12 @@ def _keras_model(name, data_format, policy, jit_compile, optimizer="fused_adamw"
     keras.config.set_dtype_policy(policy)
     loss = HybridLoss(data_format=data_format)
     if name == "attention_unet":
-        model, loss_weights, scales = attention_unet(6, "resnet34"), None, ()
+        model = attention_unet(6, "resnet34", data_format=data_format)
+        loss_weights, scales = None, ()
     else:  # PGU-Net's last stage (256 px), trained with its multi-scale loss as in train.py
-        model = progressive_unet(4, 3, 6)
+        model = progressive_unet(4, 3, 6, data_format=data_format)
         loss, loss_weights = multiscale_losses(loss, model.output_names)
-        scales = tuple(int(n.split("_")[1]) for n in model.output_names if n.startswith("scale_"))
+        scales = tuple(s for s in map(scale_of, model.output_names) if s)
     # FusedAdamW is what the engine trains with; keras_adamw for the before/after comparison
     optimizer = FusedAdamW(1e-3) if optimizer == "fused_adamw" else keras.optimizers.AdamW(1e-3)
     if policy == "mixed_float16":

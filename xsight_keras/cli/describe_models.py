@@ -12,12 +12,14 @@ import time
 
 import numpy as np
 
-from xsight_keras.models import attention_unet, progressive_unet
+from xsight_keras.heads import as_output_dict, output_names, primary_class_map
+from xsight_keras.models import attention_unet, describe_model, progressive_unet
 
 MODELS = {
     "attention_unet": lambda: attention_unet(6, encoder="resnet34"),
     "attention_unet_resnet18": lambda: attention_unet(6, encoder="resnet18"),
     "attention_unet_resnet50": lambda: attention_unet(6, encoder="resnet50"),
+    "attention_unet_convnext_tiny": lambda: attention_unet(6, encoder="convnext_tiny"),
     **{
         f"progressive_unet_stage{k}": (lambda k=k: progressive_unet(k, in_channels=3, num_classes=1))
         for k in (1, 2, 3, 4)
@@ -40,13 +42,16 @@ def main(argv=None) -> int:
     for name, build in MODELS.items():
         model = build()
         size = 32 * 2 ** (int(name[-1]) - 1) if "stage" in name else 256  # native size
-        channels = model.inputs[0].shape[-1]
-        x = np.random.default_rng(0).normal(size=(1, size, size, channels)).astype("float32")
+        info = describe_model(model)
+        first = info["data_format"] == "channels_first"
+        channels = model.inputs[0].shape[1 if first else -1]
+        shape = (1, channels, size, size) if first else (1, size, size, channels)
+        x = np.random.default_rng(0).normal(size=shape).astype("float32")
         start = time.perf_counter()
         out = model.predict(x, verbose=0)
         elapsed = time.perf_counter() - start
-        out = out["fused"] if isinstance(out, dict) else out
-        print(f"{name:32s} {model.count_params():>12,d} {x.shape[1:3]!s:>10s} "
+        out = as_output_dict(model, out)[primary_class_map(output_names(model))]
+        print(f"{name:32s} {model.count_params():>12,d} {(size, size)!s:>10s} "
               f"{out.shape[1:]!s:>16s} {elapsed:>10.2f}")
     return 0
 

@@ -24,6 +24,7 @@ from xsight_keras.data.images import IMAGE_SUFFIXES, read_image
 from xsight_keras.data.preprocess import PreprocessConfig
 from xsight_keras.evaluation.evaluate import load_postprocess
 from xsight_keras.files import atomic_write_text
+from xsight_keras.heads import SEMANTIC
 from xsight_keras.inference import Predictor
 from xsight_keras.inference.instances import (
     PostprocessConfig,
@@ -31,6 +32,7 @@ from xsight_keras.inference.instances import (
     separate_instances,
 )
 from xsight_keras.inference.predictor import load_model_file
+from xsight_keras.labels import label_names
 from xsight_keras.viz.plots import overlay
 
 
@@ -77,9 +79,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     postprocess = load_postprocess(args.run) if args.run else PostprocessConfig()
-    class_names = predictor.class_names or ["background", "nucleus"]
-    if len(class_names) == 1:
-        class_names = ["background", class_names[0]]
+    class_names = label_names(predictor.class_names or ["nucleus"])
     failed = []
     for path in tqdm(collect_inputs(args.inputs), desc="predicting", unit="image"):
         try:
@@ -87,10 +87,11 @@ def main(argv=None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             failed.append(f"{path}: {exc}")
             continue
-        probs, instance_maps = predictor.predict_outputs(image)
+        maps = predictor.predict_maps(image)
+        probs = maps[SEMANTIC]
         labels = Predictor.to_labels(probs)
         if args.instances:
-            nuclei, types = separate_instances(probs, instance_maps, postprocess)
+            nuclei, types = separate_instances(probs, maps, postprocess)
             cv2.imwrite(str(out / f"{path.stem}_instances.png"), nuclei.astype(np.uint16))
             geojson = instances_to_geojson(nuclei, types, class_names)
             atomic_write_text(out / f"{path.stem}.geojson", json.dumps(geojson))
