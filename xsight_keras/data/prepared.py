@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xsight_keras.labels import instance_classes
+from xsight_keras.labels import count_classes
 
 ARRAYS = ("images", "classes", "instances")
 DTYPES = {"images": np.uint8, "classes": np.uint8, "instances": np.int32}
@@ -40,23 +40,6 @@ class Sample:
     classes: np.ndarray
     instances: np.ndarray
     name: str = ""
-
-
-def count_classes(classes: np.ndarray, instances: np.ndarray, num_classes: int):
-    """Pixel and nucleus counts per class of one or more label maps.
-
-    ``classes`` uint8 and ``instances`` int of the same shape, (H, W) or (N, H, W) with ids unique
-    within each image. Returns two int64 arrays of length ``num_classes``: pixels per class, and
-    nuclei per class (each nucleus counted once, for the majority class of its pixels).
-    """
-    pixels = np.bincount(classes.ravel(), minlength=num_classes)[:num_classes].astype(np.int64)
-    nuclei = np.zeros(num_classes, np.int64)
-    for cls, inst in zip(classes.reshape(-1, *classes.shape[-2:]), instances.reshape(-1, *instances.shape[-2:])):
-        present = np.bincount(inst.ravel().astype(np.int64)) > 0
-        present[0] = False
-        kinds = instance_classes(inst, cls, num_classes)[present]
-        nuclei += np.bincount(kinds, minlength=num_classes)[:num_classes]
-    return pixels, nuclei
 
 
 class PreparedWriter:

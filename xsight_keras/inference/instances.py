@@ -16,7 +16,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from xsight_keras.heads import INSTANCE, get_head, is_class_map
-from xsight_keras.labels import instance_classes, relabel_sequential
+from xsight_keras.labels import CLASS_COLOURS, instance_classes, relabel_sequential
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,6 @@ def instances_to_geojson(instances: np.ndarray, types=None, class_names=None) ->
     closed; a nucleus whose outline has fewer than 3 points is left out.
     """
     import cv2
-
-    from xsight_keras.viz.plots import CLASS_COLOURS
 
     features = []
     for iid, window in enumerate(ndimage.find_objects(instances), start=1):

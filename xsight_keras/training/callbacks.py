@@ -11,12 +11,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from xsight_keras.inference.predictor import (
-    Predictor,
-    class_probabilities,
-)
+from xsight_keras.inference.predictor import Predictor, class_probabilities
+from xsight_keras.labels import colourise
 from xsight_keras.models.base import clone_architecture
-from xsight_keras.viz.plots import colourise
 
 
 def _is_finite(model: keras.Model) -> bool:

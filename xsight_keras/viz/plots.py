@@ -13,13 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-CLASS_COLOURS = np.array([[0, 0, 0], [230, 40, 40], [40, 200, 40], [40, 90, 230], [240, 220, 40],
-                          [40, 220, 220], [200, 80, 200], [255, 140, 0]], np.uint8)
-
-
-def colourise(labels: np.ndarray) -> np.ndarray:
-    """Label map (H, W) int → RGB uint8 (H, W, 3), one fixed colour per class (0 black)."""
-    return CLASS_COLOURS[np.asarray(labels) % len(CLASS_COLOURS)]
+from xsight_keras.labels import CLASS_COLOURS, colourise, count_classes
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
@@ -101,7 +95,13 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names, path) -> Path:
 
 def plot_dataset_statistics(dataset, path, samples_path=None, n_samples: int = 8) -> list[Path]:
     """Class distribution of a prepared split (pixels and nuclei per class; nuclei per class and
-    tissue when tissues are known) and, optionally, a grid of samples with their overlays."""
+    tissue when tissues are known) and, optionally, a grid of samples with their overlays.
+
+    ``dataset``: a :class:`~xsight_keras.data.PreparedDataset` or any object with its reading
+    interface (``root``, ``class_names``, ``tissues``, ``pixel_counts``, ``instance_counts``,
+    ``len()`` and items with ``image``, ``classes``, ``instances`` and ``name``); this module
+    reads it and does not import the data package.
+    """
     names = dataset.class_names
     tissues = dataset.tissues
     panels = 3 if tissues is not None else 2
@@ -114,8 +114,6 @@ def plot_dataset_statistics(dataset, path, samples_path=None, n_samples: int = 8
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=45)
     if tissues is not None:
-        from xsight_keras.data.prepared import count_classes
-
         kinds = sorted(set(tissues))
         table = np.zeros((len(kinds), len(names)), np.int64)
         for i in range(len(dataset)):
