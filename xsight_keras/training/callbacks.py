@@ -244,11 +244,10 @@ class TensorBoardLogger(keras.callbacks.Callback):
 
 
 def plot_history(history_csv, out_png) -> Path:
-    """Plot every column of ``history.csv`` (losses, metrics, lr) against the epoch into a PNG."""
-    import matplotlib
+    """Plot every column of ``history.csv`` (losses, metrics, lr) against the epoch into a PNG.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    The figure is drawn without ``pyplot``: the user's matplotlib backend stays as it is."""
+    from matplotlib.figure import Figure
 
     with open(history_csv) as f:
         rows = list(csv.DictReader(f))
@@ -259,7 +258,8 @@ def plot_history(history_csv, out_png) -> Path:
     panels = [k for k in keys if k in ("loss", "lr", "mean_fg_dice", "mean_iou") or k.startswith("dice_")]
     cols = 3
     n_rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(n_rows, cols, figsize=(4.5 * cols, 3.2 * n_rows), squeeze=False)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False)
     for ax, key in zip(axes.ravel(), panels):
         ax.plot(epochs, [float(r[key]) for r in rows], label="train")
         if f"val_{key}" in rows[0]:
@@ -272,7 +272,6 @@ def plot_history(history_csv, out_png) -> Path:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_png, dpi=90)
-    plt.close(fig)
     return Path(out_png)
 
 

@@ -1,4 +1,9 @@
-"""Headless matplotlib figures (PNG): overlays, prediction grids, dataset statistics, run comparison."""
+"""Headless matplotlib figures (PNG): overlays, prediction grids, dataset statistics, run comparison.
+
+Figures are ``matplotlib.figure.Figure`` objects drawn and saved directly (matplotlib renders
+them with its Agg canvas when saved as PNG), never through ``pyplot``: the user's matplotlib
+backend and pyplot's figure list are left as they are.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,8 @@ import json
 from pathlib import Path
 
 import cv2
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 
 from xsight_keras.labels import CLASS_COLOURS, colourise, count_classes
 
@@ -42,13 +44,12 @@ def _legend(ax, class_names):
 
 
 def _save_with_legend(fig, class_names, path, top: float) -> Path:
-    """Lay out ``fig`` below ``top`` (a figure fraction), put the class legend above, save, close."""
+    """Lay out ``fig`` below ``top`` (a figure fraction), put the class legend above, save."""
     fig.tight_layout(rect=(0, 0, 1, top))
     legend_ax = fig.add_axes((0, top + 0.005, 1, 0.995 - top))
     legend_ax.axis("off")
     _legend(legend_ax, class_names)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return Path(path)
 
 
@@ -58,7 +59,8 @@ def plot_prediction_grid(samples, class_names, path, title: str = "") -> Path:
     ``samples``: list of (image uint8 (H, W, C), truth labels (H, W), predicted labels (H, W)).
     """
     n = len(samples)
-    fig, axes = plt.subplots(n, 4, figsize=(12, 3 * n + 0.6), squeeze=False)
+    fig = Figure(figsize=(12, 3 * n + 0.6))
+    axes = fig.subplots(n, 4, squeeze=False)
     for row, (image, truth, pred) in zip(axes, samples):
         shown = image[..., 0] if image.shape[-1] == 1 else image
         for ax, panel, name in zip(row, (shown, colourise(truth), colourise(pred), overlay(image, pred)),
@@ -76,7 +78,8 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names, path) -> Path:
     confusion = np.asarray(confusion, np.float64)
     norm = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
     k = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.2 * k + 2, 1.1 * k + 1.5))
+    fig = Figure(figsize=(1.2 * k + 2, 1.1 * k + 1.5))
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(k), class_names, rotation=45, ha="right")
     ax.set_yticks(range(k), class_names)
@@ -89,7 +92,6 @@ def plot_confusion_matrix(confusion: np.ndarray, class_names, path) -> Path:
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return Path(path)
 
 
@@ -105,7 +107,8 @@ def plot_dataset_statistics(dataset, path, samples_path=None, n_samples: int = 8
     names = dataset.class_names
     tissues = dataset.tissues
     panels = 3 if tissues is not None else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.2))
+    fig = Figure(figsize=(5.5 * panels, 4.2))
+    axes = fig.subplots(1, panels)
     colours = CLASS_COLOURS[1:len(names)] / 255
     axes[0].bar(names[1:], dataset.pixel_counts[1:], color=colours)
     axes[0].set_title("pixels per class")
@@ -129,13 +132,13 @@ def plot_dataset_statistics(dataset, path, samples_path=None, n_samples: int = 8
     fig.suptitle(f"{dataset.root} — {len(dataset)} images")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     written = [Path(path)]
     if samples_path:
         idx = np.linspace(0, len(dataset) - 1, min(n_samples, len(dataset))).astype(int)
         cols = 4
         rows = -(-len(idx) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3 * rows + 0.4), squeeze=False)
+        fig = Figure(figsize=(3 * cols, 3 * rows + 0.4))
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax, i in zip(axes.ravel(), idx):
             s = dataset[int(i)]
             ax.imshow(overlay(s.image, s.classes))
@@ -166,7 +169,8 @@ def plot_run_comparison(run_dirs, path) -> Path:
     bar chart of each run's final per-class validation Dice."""
     run_dirs = [Path(r) for r in run_dirs]
     histories = {r.name: _read_history(r) for r in run_dirs}
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    fig = Figure(figsize=(17, 4.5))
+    axes = fig.subplots(1, 3)
     dice_keys = None
     for name, rows in histories.items():
         epochs = np.arange(1, len(rows) + 1)
@@ -196,7 +200,6 @@ def plot_run_comparison(run_dirs, path) -> Path:
         axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return Path(path)
 
 
