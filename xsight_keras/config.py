@@ -89,6 +89,7 @@ class RunConfig:
     # regularisation and averaging
     use_mixed_precision: bool = False
     jit_compile: bool = False
+    cpu_malloc_tuning: bool = False  # torch CPU training: glibc keeps freed memory (host_memory)
     use_ema: bool = False
     ema_decay: float = 0.999
     use_swa: bool = False

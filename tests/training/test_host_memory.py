@@ -41,3 +41,23 @@ def test_freed_buffers_stay_in_the_process():
     # again, zero-filled); with the setting it stays for the next allocation
     assert _resident_after_free_mb("default") < 8
     assert _resident_after_free_mb("keep") > 40
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_training_changes_malloc_only_when_the_setting_asks(monkeypatch, asked):
+    from xsight_keras.config import RunConfig
+    from xsight_keras.training import run
+
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def stop():
+        raise Stop
+
+    monkeypatch.setattr(run, "keep_freed_memory_in_process", lambda: calls.append(1))
+    monkeypatch.setattr(run, "init_distributed", stop)  # the step right after the allocator's
+    with pytest.raises(Stop):
+        run.train(RunConfig(device="cpu", cpu_malloc_tuning=asked))
+    assert calls == ([1] if asked else [])

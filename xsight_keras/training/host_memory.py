@@ -10,6 +10,9 @@ in plain PyTorch: Keras keeps every intermediate tensor of a Functional forward 
 the pass ends, so it allocates more afresh. Keeping freed memory in the process removes nearly
 all of them (PyTorch's CPU performance guide suggests jemalloc or tcmalloc for the same reason;
 this needs no extra library).
+
+The setting is process-wide and cannot be undone cleanly, so nothing here runs on import: the
+engine applies it only for CPU training with ``RunConfig.cpu_malloc_tuning`` (on in the presets).
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ import platform
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+
+_applied = False
+
+
+def malloc_tuning_applied() -> bool:
+    """Whether :func:`keep_freed_memory_in_process` has changed this process's malloc settings."""
+    return _applied
 
 
 def keep_freed_memory_in_process(mmap_threshold: int = 1 << 30,
@@ -34,6 +44,7 @@ def keep_freed_memory_in_process(mmap_threshold: int = 1 << 30,
     settings were applied; False (and changes nothing) on platforms without glibc (macOS,
     Windows, musl) or if glibc refuses a value.
     """
+    global _applied
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
@@ -42,5 +53,6 @@ def keep_freed_memory_in_process(mmap_threshold: int = 1 << 30,
         return False
     mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    _applied = True  # from the first call on, whatever glibc answers
     return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
         mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))

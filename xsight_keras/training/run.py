@@ -331,7 +331,8 @@ def _use_jax_devices(config: RunConfig) -> None:
 
 def _train(config: RunConfig, resume: bool = False) -> RunResult:
     start = time.time()
-    if keras.backend.backend() == "torch" and (config.device == "cpu" or not _cuda_available()):
+    if config.cpu_malloc_tuning and keras.backend.backend() == "torch" and (
+            config.device == "cpu" or not _cuda_available()):
         keep_freed_memory_in_process()  # CPU activations: no page faults every step (host_memory)
     if config.device == "cuda" and not _cuda_available():
         raise ValueError("device 'cuda' was requested but no CUDA GPU is available here")
