@@ -6,31 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from xsight_keras.data.prepared import PreparedDataset
 from xsight_keras.evaluation.instance_metrics import dataset_scores, image_scores
-from xsight_keras.evaluation.pixel_metrics import (
-    confusion_matrix,
-    scores_from_confusion,
-    write_report,
-)
+from xsight_keras.evaluation.pixel_metrics import write_report
 from xsight_keras.inference.predictor import Predictor
+from xsight_keras.inference.scoring import predict_sample, score_split
 
-
-def predict_sample(predictor: Predictor, sample, num_classes: int):
-    """Predict one prepared sample whole and align its ground truth with the model's classes.
-
-    Returns ``(probabilities (H, W, K), instance maps or None, truth labels (H, W), k)`` where
-    k = K, or 2 for a binary model (then every nucleus class of the truth counts as 1).
-    """
-    probs, instance_maps = predictor.predict_outputs(sample.image)
-    binary = probs.shape[-1] == 1
-    truth = (sample.classes > 0).astype(np.uint8) if binary else sample.classes
-    k = 2 if binary else probs.shape[-1]
-    if not binary and k != num_classes:
-        raise ValueError(f"the model predicts {k} classes, the data has {num_classes}")
-    return probs, instance_maps, truth, k
+__all__ = ["evaluate_run", "evaluate_split", "load_postprocess", "predict_sample", "run_split"]
 
 
 def run_split(run_dir, split: str, data_root=None):
@@ -47,7 +30,7 @@ def run_split(run_dir, split: str, data_root=None):
 
 def evaluate_split(predictor: Predictor, dataset: PreparedDataset, progress: bool = True,
                    limit: int | None = None, instances: bool = True, postprocess=None) -> dict:
-    """Predict every image of ``dataset`` whole and score it.
+    """Predict every image of ``dataset`` whole and score it (pixels: :func:`score_split`).
 
     Returns ``{"scores": ..., "confusion": (K, K) list}`` where K = the dataset's classes, or 2
     (background, nucleus) for a binary model (the dataset's classes > 0 count as nucleus). With
@@ -58,26 +41,17 @@ def evaluate_split(predictor: Predictor, dataset: PreparedDataset, progress: boo
     from xsight_keras.inference.instances import PostprocessConfig, separate_instances
 
     postprocess = postprocess or PostprocessConfig()
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    names = dataset.class_names
-    confusion = None
     per_image = []
-    for i in tqdm(range(n), desc="evaluating", disable=not progress):
-        sample = dataset[i]
-        probs, instance_maps, truth, k = predict_sample(predictor, sample, dataset.num_classes)
-        labels = Predictor.to_labels(probs)
-        cm = confusion_matrix(truth, labels, k)
-        confusion = cm if confusion is None else confusion + cm
-        if instances:
-            pred_inst, _ = separate_instances(probs, instance_maps, postprocess)
-            per_image.append(image_scores(sample.instances, truth, pred_inst, labels, k))
-    if confusion.shape[0] == 2 and len(names) != 2:
-        names = ["background", "nucleus"]
-    result = {"scores": scores_from_confusion(confusion, names), "confusion": confusion.tolist(),
-              "class_names": list(names), "images": n}
+
+    def score_instances(sample, probs, instance_maps, truth, labels, k):
+        pred_inst, _ = separate_instances(probs, instance_maps, postprocess)
+        per_image.append(image_scores(sample.instances, truth, pred_inst, labels, k))
+
+    result = score_split(predictor, dataset, progress, limit, score_instances if instances else None)
     if instances:
+        n = result["images"]
         tissues = None if dataset.tissues is None else dataset.tissues[:n]
-        result["scores"]["instances"] = dataset_scores(per_image, list(names), tissues)
+        result["scores"]["instances"] = dataset_scores(per_image, result["class_names"], tissues)
     return result
 
 

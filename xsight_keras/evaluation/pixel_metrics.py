@@ -1,44 +1,18 @@
-"""Pixel metrics from a confusion matrix: Dice and IoU per class, means, and reports."""
+"""Pixel metrics from a confusion matrix: Dice and IoU per class, means, and reports.
+
+The confusion matrix and the scores from it are computed in :mod:`xsight_keras.inference.scoring`
+(TTA validation during training uses them too) and are importable from here as well.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
-
 from xsight_keras.files import atomic_write_text
+from xsight_keras.inference.scoring import confusion_matrix, scores_from_confusion
 
-
-def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
-    """(K, K) int64 counts, rows = true class, columns = predicted class, for integer label maps."""
-    if truth.shape != pred.shape:
-        raise ValueError(f"label maps differ in shape: {truth.shape} vs {pred.shape}")
-    idx = truth.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel()
-    return np.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def scores_from_confusion(confusion: np.ndarray, class_names) -> dict:
-    """Dice and IoU per class and their means (all classes, foreground = classes 1..K-1).
-
-    A class absent from both truth and prediction scores NaN and is left out of the means.
-    """
-    confusion = np.asarray(confusion, np.float64)
-    tp = np.diag(confusion)
-    fp = confusion.sum(0) - tp
-    fn = confusion.sum(1) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan)
-        iou = np.where(tp + fp + fn > 0, tp / (tp + fp + fn), np.nan)
-    return {
-        "dice": {n: float(d) for n, d in zip(class_names, dice)},
-        "iou": {n: float(i) for n, i in zip(class_names, iou)},
-        "mean_dice": float(np.nanmean(dice)),
-        "mean_fg_dice": float(np.nanmean(dice[1:])) if len(dice) > 1 else float(dice[0]),
-        "mean_iou": float(np.nanmean(iou)),
-        "mean_fg_iou": float(np.nanmean(iou[1:])) if len(iou) > 1 else float(iou[0]),
-        "pixel_accuracy": float(tp.sum() / max(confusion.sum(), 1)),
-    }
+__all__ = ["confusion_matrix", "markdown_report", "scores_from_confusion", "write_report"]
 
 
 def markdown_report(results: dict, title: str) -> str:

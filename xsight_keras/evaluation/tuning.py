@@ -10,10 +10,11 @@ import numpy as np
 from tqdm import tqdm
 
 from xsight_keras.data.prepared import PreparedDataset
-from xsight_keras.evaluation.evaluate import predict_sample, run_split
+from xsight_keras.evaluation.evaluate import run_split
 from xsight_keras.evaluation.instance_metrics import dataset_scores, image_scores
 from xsight_keras.files import atomic_write_text
 from xsight_keras.inference.predictor import Predictor
+from xsight_keras.inference.scoring import predict_sample
 
 GRID = {
     "dist_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),

@@ -12,6 +12,7 @@ import numpy as np
 from keras import ops
 
 from xsight_keras.inference.predictor import Predictor, class_probabilities
+from xsight_keras.inference.scoring import score_split
 from xsight_keras.labels import colourise
 from xsight_keras.models.base import clone_architecture
 
@@ -289,17 +290,13 @@ class TTAValidation(keras.callbacks.Callback):
         self.tile_size, self.limit, self.ema = tile_size, limit, ema
 
     def on_epoch_end(self, epoch, logs=None):
-        from xsight_keras.evaluation.evaluate import evaluate_split
-        from xsight_keras.inference.predictor import Predictor
-
         if logs is None:
             return
         context = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
         with context:
             predictor = Predictor(self.model, self.preprocess, tile_size=self.tile_size,
                                   tta=self.transforms)
-            scores = evaluate_split(predictor, self.dataset, progress=False, limit=self.limit,
-                                    instances=False)["scores"]
+            scores = score_split(predictor, self.dataset, progress=False, limit=self.limit)["scores"]
         logs["val_tta_mean_fg_dice"] = scores["mean_fg_dice"]
         logs["val_tta_mean_dice"] = scores["mean_dice"]
         for name, value in scores["dice"].items():
