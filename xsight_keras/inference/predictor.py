@@ -6,6 +6,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from xsight_keras.compat import all_layers
 from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
 from xsight_keras.heads import (
     INSTANCE,
@@ -21,7 +22,7 @@ from xsight_keras.rundir import RunDir, load_model_file
 
 def model_data_format(model: keras.Model) -> str:
     """The image data format a model was built with (read from its first layer that has one)."""
-    for layer in model._flatten_layers(include_self=False):
+    for layer in all_layers(model, include_self=False):
         fmt = getattr(layer, "data_format", None)
         if fmt in ("channels_first", "channels_last"):
             return fmt

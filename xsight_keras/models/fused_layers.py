@@ -22,11 +22,13 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-try:  # Keras internals: covered by the pinned Keras range and tests/models/test_batch_norm.py
-    from keras.src.backend.common.stateless_scope import in_stateless_scope
-except ImportError:  # pragma: no cover - a newer Keras moved it; the generic path still works
-    def in_stateless_scope():
-        return True
+from xsight_keras.compat import (
+    conv_kernel,
+    in_stateless_scope,
+    optimizer_slot_prefix,
+    replace_torch_tensor,
+    torch_tensor,
+)
 
 
 def _torch_fast_path(inputs) -> bool:
@@ -49,14 +51,6 @@ def in_memory_order(tensor):
     return tensor.permute(*sorted(range(tensor.ndim), key=lambda d: -tensor.stride(d)))
 
 
-def _replace_tensor(variable, tensor) -> None:
-    """Make ``tensor`` (same shape and values, another memory layout) the torch tensor behind
-    the Keras ``variable``. Keras' torch ``Variable`` reuses a ``Parameter`` it is given as is."""
-    import torch
-
-    variable._value = torch.nn.Parameter(tensor, requires_grad=variable._value.requires_grad)
-
-
 def store_kernel_in_torch_order(variable) -> bool:
     """Lay a 4-D Keras kernel variable out in memory in PyTorch's (out, in, kh, kw) order.
 
@@ -70,13 +64,13 @@ def store_kernel_in_torch_order(variable) -> bool:
     """
     if keras.backend.backend() != "torch" or len(variable.shape) != 4:
         return False
-    value = getattr(variable, "_value", None)
+    value = torch_tensor(variable)
     if value is None or value.device.type == "meta":
         return False
     torch_order = value.detach().permute(*_TORCH_KERNEL_ORDER)
     if torch_order.is_contiguous():
         return False
-    _replace_tensor(variable, torch_order.contiguous().permute(*_KERAS_KERNEL_ORDER))
+    replace_torch_tensor(variable, torch_order.contiguous().permute(*_KERAS_KERNEL_ORDER))
     return True
 
 
@@ -100,12 +94,12 @@ def match_optimizer_layout(optimizer, variables) -> int:
 
     strided = {}
     for v in variables:
-        value = getattr(v, "_value", None)
+        value = torch_tensor(v)
         if value is not None and len(v.shape) == 4 and not value.is_contiguous():
-            strided[v.path.replace("/", "_") + "_"] = value
+            strided[optimizer_slot_prefix(v)] = value
     changed = 0
     for slot in optimizer.variables:
-        value = getattr(slot, "_value", None)
+        value = torch_tensor(slot)
         if value is None or len(slot.shape) != 4:
             continue
         owners = [p for p in strided if slot.name.startswith(p)
@@ -116,7 +110,7 @@ def match_optimizer_layout(optimizer, variables) -> int:
         if value.stride() == target.stride():
             continue
         laid_out = torch.empty_like(target, dtype=value.dtype)  # same strides as the variable
-        _replace_tensor(slot, laid_out.copy_(value.detach()))
+        replace_torch_tensor(slot, laid_out.copy_(value.detach()))
         changed += 1
     return changed
 
@@ -133,7 +127,7 @@ class TorchOrderConv2D(layers.Conv2D):
 
     def build(self, input_shape):
         super().build(input_shape)
-        store_kernel_in_torch_order(self._kernel)
+        store_kernel_in_torch_order(conv_kernel(self))
 
 
 @keras.saving.register_keras_serializable(package="xsight_keras")

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from xsight_keras.compat import all_layers, set_early_stopping_state
 from xsight_keras.inference.predictor import Predictor, class_probabilities
 from xsight_keras.inference.scoring import score_split
 from xsight_keras.labels import colourise
@@ -144,7 +145,7 @@ def update_batch_norm(model: keras.Model, batches, max_batches: int | None = Non
     ``batches`` yields images or ``(images, targets)``. Used after SWA, whose averaged weights do
     not match any statistics seen in training. Returns the number of batches used.
     """
-    bns = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    bns = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
     if not bns:
         return 0
     momenta = [bn.momentum for bn in bns]
@@ -350,8 +351,5 @@ class ResumableEarlyStopping(keras.callbacks.EarlyStopping):
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
         if self._resume:
-            self.wait = int(self._resume["wait"])
-            self.best = float(self._resume["best"])
-            self.best_epoch = int(self._resume["best_epoch"])
-            self.best_weights = self._resume.get("best_weights")
+            set_early_stopping_state(self, self._resume)
             self._resume = None

@@ -14,9 +14,10 @@ here, around Keras' own ``fit``:
 - only rank 0 writes files.
 
 The optimizer hook (:class:`GradientAllReduce`) relies on Keras' torch trainer calling
-``optimizer.apply(gradients, variables)`` once per step, and the metric hook on
-``Model._get_metrics_result_or_logs``; both are pinned by the Keras range in ``pyproject.toml``
-and checked by ``tests/training/test_distributed.py``.
+``optimizer.apply(gradients, variables)`` once per step, and the metric hook on its end-of-epoch
+metric read-out: both are Keras internals, used through :mod:`xsight_keras.compat`
+(``wrap_optimizer_apply``, ``wrap_epoch_metrics``) and checked by ``tests/test_compat.py`` and
+``tests/training/test_distributed.py``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from xsight_keras.compat import wrap_epoch_metrics, wrap_optimizer_apply
 from xsight_keras.models.fused_layers import in_memory_order
 
 #: All-reduce bucket size (bytes), as PyTorch DDP's default ``bucket_cap_mb``.
@@ -183,14 +185,14 @@ def _synced_statistics(model: keras.Model):
 
 
 class GradientAllReduce:
-    """Wraps ``optimizer.apply`` so that it first averages gradients (and BatchNorm statistics)
-    over all ranks. Installed by :func:`install_data_parallel`; under mixed_float16 it wraps the
-    ``LossScaleOptimizer``, so a non-finite gradient on one rank reaches all of them and every
-    rank skips the same step."""
+    """Wraps ``optimizer.apply`` (``inner``, default the model's) so that it first averages
+    gradients (and BatchNorm statistics) over all ranks. Installed by
+    :func:`install_data_parallel`; under mixed_float16 it wraps the ``LossScaleOptimizer``, so a
+    non-finite gradient on one rank reaches all of them and every rank skips the same step."""
 
-    def __init__(self, model: keras.Model, context: DistributedContext):
+    def __init__(self, model: keras.Model, context: DistributedContext, inner=None):
         self.model, self.context = model, context
-        self.inner = model.optimizer.apply
+        self.inner = inner or model.optimizer.apply
 
     def __call__(self, grads, trainable_variables=None):
         import torch
@@ -208,19 +210,20 @@ def _reduce_metric_results(model: keras.Model, context: DistributedContext):
     a confusion matrix), so summing their variables over ranks gives the metric of the whole
     epoch. The local values are put back afterwards, so calling it twice does not double count.
     """
-    original = model._get_metrics_result_or_logs
+    def summed_over_ranks(original):
+        def reduced(logs):
+            values = [v.value.data for m in model.metrics for v in m.variables]
+            local = [t.clone() for t in values]
+            all_reduce_(values, context.world_size, mean=False)
+            try:
+                return original(logs)
+            finally:
+                for t, saved in zip(values, local):
+                    t.copy_(saved)
 
-    def reduced(logs):
-        values = [v.value.data for m in model.metrics for v in m.variables]
-        local = [t.clone() for t in values]
-        all_reduce_(values, context.world_size, mean=False)
-        try:
-            return original(logs)
-        finally:
-            for t, saved in zip(values, local):
-                t.copy_(saved)
+        return reduced
 
-    model._get_metrics_result_or_logs = reduced
+    wrap_epoch_metrics(model, summed_over_ranks)
 
 
 def install_data_parallel(model: keras.Model, context: DistributedContext | None = None) -> None:
@@ -238,7 +241,7 @@ def install_data_parallel(model: keras.Model, context: DistributedContext | None
     if model.optimizer is None:
         raise ValueError("compile the model before install_data_parallel")
     broadcast_variables(model, context)
-    model.optimizer.apply = GradientAllReduce(model, context)
+    wrap_optimizer_apply(model.optimizer, lambda apply: GradientAllReduce(model, context, apply))
     _reduce_metric_results(model, context)
 
 

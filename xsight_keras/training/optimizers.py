@@ -15,6 +15,7 @@ import math
 
 import keras
 
+from xsight_keras.compat import UpdateStepOverride, adam_slots, uses_weight_decay, variable_version
 from xsight_keras.models.fused_layers import in_memory_order, match_optimizer_layout
 
 
@@ -50,21 +51,20 @@ def _learning_rate_for(learning_rate, device):
     return value.to(device=device, dtype=torch.float32)
 
 
-class _FusedAdamUpdate:
-    """The torch fast path shared by :class:`FusedAdam` and :class:`FusedAdamW`."""
+class _FusedAdamUpdate(UpdateStepOverride):
+    """The torch fast path shared by :class:`FusedAdam` and :class:`FusedAdamW`: the whole
+    step (decay and update of every variable) replaces Keras' (see :mod:`xsight_keras.compat`)."""
 
     def _fused(self):
         return None if self.amsgrad else _fused_kernel()
+
+    def replaces_update_step(self) -> bool:
+        return self._fused() is not None
 
     def build(self, variables):
         super().build(variables)
         # moments in each parameter's memory layout (kernels stored in PyTorch's order)
         match_optimizer_layout(self, variables)
-
-    def _apply_weight_decay(self, variables):
-        if self._fused() is None:
-            super()._apply_weight_decay(variables)
-        # else: the fused kernel decays each parameter before its Adam step, as Keras does
 
     def _host_step(self) -> float:
         """``iterations + 1`` as a Python number without a device read on every step: the value
@@ -72,20 +72,19 @@ class _FusedAdamUpdate:
         optimizer's one increment per ``apply`` (torch's in-place version counter tells); any
         other change (a restored checkpoint, an ``assign``, gradient accumulation) reads it
         again. A device read would stall the host until the GPU has finished the backward pass."""
-        value = self.iterations.value
-        key = (id(value), value._version)
+        key = variable_version(self.iterations)
         cached = getattr(self, "_step_cache", None)
         if cached is not None and key == (cached[0], cached[1] + 1):
             step = cached[2] + 1.0
         else:
-            step = float(keras.ops.convert_to_numpy(value)) + 1.0
+            step = float(keras.ops.convert_to_numpy(self.iterations.value)) + 1.0
         self._step_cache = (key[0], key[1], step)
         return step
 
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+    def update_all_variables(self, grads, trainable_variables, learning_rate):
+        """One fused step: decay (the kernel decays each parameter before its Adam step, as
+        Keras does) and update of every variable, grouped by device, dtype and decay."""
         kernel = self._fused()
-        if kernel is None:
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
         import torch
 
         step = self._host_step()  # Keras' local step, iterations + 1
@@ -96,15 +95,14 @@ class _FusedAdamUpdate:
         groups: dict = {}
         write_back = []  # (original, contiguous copy) for tensors laid out unlike their parameter
         for grad, variable in zip(grads, trainable_variables):
-            index = self._get_variable_index(variable)
-            tensors = (variable.value, grad, self._momentums[index].value,
-                       self._velocities[index].value)
+            momentum, velocity = adam_slots(self, variable)
+            tensors = (variable.value, grad, momentum.value, velocity.value)
             if not _same_dense_layout(tensors):  # correct, slower: contiguous copies
                 copies = tuple(t.contiguous() for t in tensors)
                 write_back += [(t, c) for i, (t, c) in enumerate(zip(tensors, copies))
                                if c is not t and i != 1]  # not the gradient
                 tensors = copies
-            use_decay = bool(decay) and self._use_weight_decay(variable)
+            use_decay = bool(decay) and uses_weight_decay(self, variable)
             key = (tensors[0].device, tensors[0].dtype, use_decay)
             for items, item in zip(groups.setdefault(key, ([], [], [], [])), tensors):
                 items.append(item)

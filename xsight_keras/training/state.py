@@ -22,6 +22,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from xsight_keras.compat import early_stopping_state
 from xsight_keras.rundir import STATE_DIR
 
 
@@ -105,11 +106,12 @@ def save_state(run_dir, model, epoch, stage, history, stage_history, ema=None, s
     if checkpoint is not None:
         meta["checkpoint"] = {"best": checkpoint.best, "best_epoch": checkpoint.best_epoch}
     if early_stopping is not None:
-        meta["early_stopping"] = {"wait": early_stopping.wait, "best": early_stopping.best,
-                                  "best_epoch": early_stopping.best_epoch}
-        if early_stopping.best_weights is not None:
-            arrays.update({f"es_{i}": a for i, a in enumerate(early_stopping.best_weights)})
-            meta["early_stopping"]["weights"] = len(early_stopping.best_weights)
+        es = early_stopping_state(early_stopping)
+        weights = es.pop("best_weights")
+        meta["early_stopping"] = es
+        if weights is not None:
+            arrays.update({f"es_{i}": a for i, a in enumerate(weights)})
+            meta["early_stopping"]["weights"] = len(weights)
     np.savez(tmp / "arrays.npz", **arrays)
     (tmp / "state.json").write_text(json.dumps(meta, default=float))
     final = run_dir / STATE_DIR
