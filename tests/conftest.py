@@ -24,9 +24,9 @@ def _builders_follow_keras_image_data_format(monkeypatch):
     torch; tested in tests/models/test_model_config.py). The other tests choose the layout with
     ``keras.config.set_image_data_format`` (the ``data_format`` fixture runs them in both), so
     here a builder without ``data_format`` follows that setting."""
-    from xsight_keras.models import base
+    from xsight_keras import _backend
 
-    monkeypatch.setattr(base, "default_data_format", keras.config.image_data_format)
+    monkeypatch.setattr(_backend, "default_data_format", keras.config.image_data_format)
 
 
 @pytest.fixture(params=["channels_last", "channels_first"])

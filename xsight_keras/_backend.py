@@ -45,3 +45,23 @@ def ensure_default_backend() -> str:
     import keras
 
     return keras.backend.backend()
+
+
+def default_data_format() -> str:
+    """The image layout the package uses when a caller gives none: ``channels_first`` on the
+    torch backend (PyTorch's convolution kernels are NCHW; measured faster in the README's
+    Performance section), Keras' configured ``image_data_format()`` on other backends."""
+    import keras
+
+    if keras.backend.backend() == "torch":
+        return "channels_first"
+    return keras.config.image_data_format()
+
+
+def resolve_data_format(data_format: str | None) -> str:
+    """``data_format``, or :func:`default_data_format` when ``None``; anything else than
+    ``channels_first``/``channels_last`` is a ``ValueError``."""
+    data_format = data_format or default_data_format()
+    if data_format not in ("channels_first", "channels_last"):
+        raise ValueError(f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}")
+    return data_format

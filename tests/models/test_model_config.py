@@ -7,23 +7,24 @@ import keras
 import numpy as np
 import pytest
 
+from xsight_keras import _backend
+from xsight_keras._backend import default_data_format
 from xsight_keras.heads import FUSED, INSTANCE, SEMANTIC
 from xsight_keras.models import (
     AttentionUNet,
     ProgressiveUNet,
     attention_unet,
-    base,
     describe_model,
     grow,
     progressive_unet,
 )
-from xsight_keras.models.base import clone_architecture, default_data_format
+from xsight_keras.models.base import clone_architecture
 
 SMALL_DECODER = (32, 16, 16, 8, 8)
 
 
 def test_default_layout_is_channels_first_on_torch_and_globals_stay(monkeypatch):
-    monkeypatch.setattr(base, "default_data_format", default_data_format)  # the real default
+    monkeypatch.setattr(_backend, "default_data_format", default_data_format)  # the real default
     keras.config.set_image_data_format("channels_last")
     model = attention_unet(2, "resnet18", decoder_filters=SMALL_DECODER)
     expected = "channels_first" if keras.backend.backend() == "torch" else "channels_last"

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from xsight_keras.evaluation.evaluate import run_split
 from xsight_keras.inference import Predictor
-from xsight_keras.viz.plots import latest_run, plot_prediction_grid, run_class_names
+from xsight_keras.rundir import RunDir
+from xsight_keras.viz.plots import plot_prediction_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run = Path(args.run) if args.run else latest_run(args.output_dir)
-        config, folder, dataset = run_split(run, args.split)
-        predictor = Predictor.from_run(run, tta="all" if args.tta else None)
+        run = RunDir.open(args.run) if args.run else RunDir.latest(args.output_dir)
+        folder, dataset = run.split(args.split)
+        predictor = Predictor.from_run(run.path, tta="all" if args.tta else None)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -42,10 +42,10 @@ def main(argv=None) -> int:
     for i in idx:
         s = dataset[int(i)]
         pred = predictor.predict_labels(s.image)
-        truth = (s.classes > 0).astype(np.uint8) if config["num_classes"] == 1 else s.classes
+        truth = (s.classes > 0).astype(np.uint8) if len(run.label_names) == 2 else s.classes
         samples.append((s.image, truth, pred))
-    out = Path(args.out) if args.out else run / f"predictions_{args.split}.png"
-    plot_prediction_grid(samples, run_class_names(run), out, title=f"{run.name} — {folder}")
+    out = Path(args.out) if args.out else run.path / f"predictions_{args.split}.png"
+    plot_prediction_grid(samples, run.label_names, out, title=f"{run.path.name} — {folder}")
     print(f"wrote {out}")
     return 0
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from xsight_keras._backend import resolve_data_format
 from xsight_keras.data.augment import augment_sample, build_augmentation, mixup
 from xsight_keras.data.prepared import PreparedDataset
 from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
@@ -108,7 +109,9 @@ class SegmentationDataset(Dataset):
             (:meth:`xsight_keras.heads.Head.target`). ``None``: the class map alone, not a dict.
         scales, instance_targets: the older way to name the outputs: PGU-Net scales (``fused``
             plus ``scale_{s}``) and/or the instance head.
-        data_format: layout of images and one-hot targets, ``"channels_last"`` or ``"channels_first"``.
+        data_format: layout of images and one-hot targets, ``"channels_last"`` or
+            ``"channels_first"``; ``None``: the backend's fast layout, as the model builders
+            choose it (:func:`xsight_keras._backend.default_data_format`).
 
     Item: ``(image float32 (H, W, C), targets, (epoch, index))``.
     """
@@ -116,7 +119,7 @@ class SegmentationDataset(Dataset):
     def __init__(self, dataset, *, size=None, level=0, resize_mode="crop", train=True,
                  preprocess: PreprocessConfig = PreprocessConfig(), target="onehot",
                  num_classes: int | None = None, scales: Iterable[int] | None = None,
-                 data_format="channels_last", seed: int = 0, instance_targets: bool = False,
+                 data_format: str | None = None, seed: int = 0, instance_targets: bool = False,
                  outputs: Iterable[str] | None = None):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if target not in TARGET_KINDS:
@@ -131,7 +134,7 @@ class SegmentationDataset(Dataset):
         self.target = target
         self.num_classes = num_classes or self.dataset.num_classes
         self.scales = tuple(scales) if scales else None
-        self.data_format = data_format
+        self.data_format = resolve_data_format(data_format)
         self.seed = seed
         if outputs is None and (self.scales or instance_targets):
             outputs = ([FUSED] + [scale_output(s) for s in self.scales] if self.scales

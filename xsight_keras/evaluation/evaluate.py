@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from xsight_keras.evaluation.instance_metrics import dataset_scores, image_score
 from xsight_keras.evaluation.pixel_metrics import write_report
 from xsight_keras.inference.predictor import Predictor
 from xsight_keras.inference.scoring import predict_sample, score_split
+from xsight_keras.rundir import RunDir
 
 __all__ = ["evaluate_run", "evaluate_split", "load_postprocess", "predict_sample", "run_split"]
 
@@ -19,13 +19,9 @@ __all__ = ["evaluate_run", "evaluate_split", "load_postprocess", "predict_sample
 def run_split(run_dir, split: str, data_root=None):
     """A run's configuration and the prepared split ``split`` (train/valid/test or a folder name)
     of its dataset: returns ``(config dict, split folder name, PreparedDataset)``."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir} is not a run directory (no config.json)")
-    config = json.loads((run_dir / "config.json").read_text())
-    folder = {"train": config["train_split"], "valid": config["val_split"],
-              "val": config["val_split"], "test": config["test_split"]}.get(split, split)
-    return config, folder, PreparedDataset(Path(data_root or config["data_root"]) / folder)
+    run = RunDir.open(run_dir)
+    folder, dataset = run.split(split, data_root)
+    return run.settings, folder, dataset
 
 
 def evaluate_split(predictor: Predictor, dataset: PreparedDataset, progress: bool = True,
@@ -59,10 +55,7 @@ def load_postprocess(run_dir):
     """The run's tuned watershed settings (``postprocess.json``) or the defaults."""
     from xsight_keras.inference.instances import PostprocessConfig
 
-    path = Path(run_dir) / "postprocess.json"
-    if path.is_file():
-        return PostprocessConfig(**json.loads(path.read_text()))
-    return PostprocessConfig()
+    return PostprocessConfig(**RunDir(run_dir).postprocess_settings())
 
 
 def evaluate_run(run_dir, split: str = "test", tta: bool = False, model_path=None,
@@ -84,7 +77,7 @@ def evaluate_run(run_dir, split: str = "test", tta: bool = False, model_path=Non
         predictor.transforms = tuple(range(8))
         runs["tta"] = evaluate_split(predictor, dataset, progress, limit, postprocess=postprocess)
     results = {name: r["scores"] for name, r in runs.items()}
-    extra = {"run": str(run_dir), "model": str(model_path or run_dir / "best.keras"),
+    extra = {"run": str(run_dir), "model": str(model_path or RunDir(run_dir).checkpoint("best")),
              "split": folder, "images": runs["plain"]["images"],
              "confusion": {name: r["confusion"] for name, r in runs.items()}}
     paths = write_report(results, run_dir, f"evaluation_{split}",

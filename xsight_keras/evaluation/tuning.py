@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import itertools
-import json
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from xsight_keras.data.prepared import PreparedDataset
-from xsight_keras.evaluation.evaluate import run_split
 from xsight_keras.evaluation.instance_metrics import dataset_scores, image_scores
-from xsight_keras.files import atomic_write_text
 from xsight_keras.inference.predictor import Predictor
 from xsight_keras.inference.scoring import predict_sample
+from xsight_keras.rundir import RunDir
 
 GRID = {
     "dist_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
@@ -62,9 +59,8 @@ def tune_postprocessing(predictor: Predictor, dataset: PreparedDataset, limit: i
 
 def tune_run(run_dir, split: str = "valid", limit: int | None = None, progress: bool = True) -> dict:
     """Tune on a run's validation split and write ``postprocess.json`` (used by evaluate/predict)."""
-    run_dir = Path(run_dir)
-    _, _, dataset = run_split(run_dir, split)
-    result = tune_postprocessing(Predictor.from_run(run_dir), dataset, limit, progress=progress)
-    atomic_write_text(run_dir / "postprocess.json", json.dumps(result["best"], indent=2))
-    atomic_write_text(run_dir / "postprocess_search.json", json.dumps(result, indent=2, default=float))
+    run = RunDir.open(run_dir)
+    _, dataset = run.split(split)
+    result = tune_postprocessing(Predictor.from_run(run.path), dataset, limit, progress=progress)
+    run.write_postprocess(result["best"], search=result)
     return result

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from xsight_keras.inference.predictor import Predictor
+from xsight_keras.labels import label_names
 
 
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -81,7 +82,7 @@ def score_split(predictor: Predictor, dataset, progress: bool = True, limit: int
         confusion = cm if confusion is None else confusion + cm
         if per_image is not None:
             per_image(sample, probs, instance_maps, truth, labels, k)
-    if confusion.shape[0] == 2 and len(names) != 2:
-        names = ["background", "nucleus"]
+    if confusion.shape[0] == 2 and len(names) != 2:  # a binary model on a multi-class split
+        names = label_names(["nucleus"])
     return {"scores": scores_from_confusion(confusion, names), "confusion": confusion.tolist(),
             "class_names": list(names), "images": n}

@@ -17,19 +17,7 @@ import contextlib
 
 import keras
 
-
-def default_data_format() -> str:
-    """``channels_first`` on the torch backend, else ``keras.config.image_data_format()``."""
-    if keras.backend.backend() == "torch":
-        return "channels_first"
-    return keras.config.image_data_format()
-
-
-def resolve_data_format(data_format: str | None) -> str:
-    data_format = data_format or default_data_format()
-    if data_format not in ("channels_first", "channels_last"):
-        raise ValueError(f"data_format must be 'channels_first' or 'channels_last', got {data_format!r}")
-    return data_format
+from xsight_keras._backend import default_data_format, resolve_data_format
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from xsight_keras._backend import resolve_data_format
 from xsight_keras.heads import INSTANCE, scale_of
 
 _EPS = 1e-6
@@ -41,10 +42,10 @@ def class_weights_from_counts(pixel_counts, power: float = 0.5, include_backgrou
 
 
 class _SegmentationLoss(keras.losses.Loss):
-    def __init__(self, data_format: str = "channels_last", name=None, **kwargs):
+    def __init__(self, data_format: str | None = None, name=None, **kwargs):
         kwargs.pop("reduction", None)
         super().__init__(name=name, reduction="sum_over_batch_size", **kwargs)
-        self.data_format = data_format
+        self.data_format = resolve_data_format(data_format)  # None: the backend's fast layout
 
     def get_config(self):
         config = super().get_config()
@@ -66,7 +67,7 @@ class SoftDiceLoss(_SegmentationLoss):
     both target and prediction scores Dice 1 (the smoothing term), so it neither helps nor hurts.
     """
 
-    def __init__(self, class_weights=None, smooth: float = 1.0, data_format="channels_last",
+    def __init__(self, class_weights=None, smooth: float = 1.0, data_format=None,
                  name="soft_dice", **kwargs):
         super().__init__(data_format=data_format, name=name, **kwargs)
         self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
@@ -98,7 +99,7 @@ class FocalLoss(_SegmentationLoss):
     output (K = 1) uses the binary form with α for positives and 1 − α for negatives.
     """
 
-    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, data_format="channels_last",
+    def __init__(self, gamma: float = 2.0, alpha: float = 0.25, data_format=None,
                  name="focal", **kwargs):
         super().__init__(data_format=data_format, name=name, **kwargs)
         self.gamma = float(gamma)
@@ -136,7 +137,7 @@ class BoundaryLoss(_SegmentationLoss):
     tolerant precision/recall, all inside the loss: no distance maps are needed in the pipeline.
     """
 
-    def __init__(self, theta0: int = 3, theta: int = 5, data_format="channels_last",
+    def __init__(self, theta0: int = 3, theta: int = 5, data_format=None,
                  name="boundary", **kwargs):
         super().__init__(data_format=data_format, name=name, **kwargs)
         self.theta0 = int(theta0)
@@ -167,7 +168,7 @@ class HybridLoss(_SegmentationLoss):
     """
 
     def __init__(self, dice_weight=1.0, focal_weight=1.0, boundary_weight=0.5, class_weights=None,
-                 gamma=2.0, alpha=0.25, data_format="channels_last", name="hybrid", **kwargs):
+                 gamma=2.0, alpha=0.25, data_format=None, name="hybrid", **kwargs):
         super().__init__(data_format=data_format, name=name, **kwargs)
         self.dice_weight, self.focal_weight = float(dice_weight), float(focal_weight)
         self.boundary_weight = float(boundary_weight)
@@ -193,7 +194,7 @@ class HybridLoss(_SegmentationLoss):
 class BCEDiceLoss(_SegmentationLoss):
     """Binary cross-entropy + soft Dice for one-channel sigmoid outputs (binary nucleus masks)."""
 
-    def __init__(self, bce_weight=1.0, dice_weight=1.0, data_format="channels_last",
+    def __init__(self, bce_weight=1.0, dice_weight=1.0, data_format=None,
                  name="bce_dice", **kwargs):
         super().__init__(data_format=data_format, name=name, **kwargs)
         self.bce_weight, self.dice_weight = float(bce_weight), float(dice_weight)
@@ -228,7 +229,7 @@ class InstanceLoss(_SegmentationLoss):
     """Loss of the instance head: MSE on the normalised distance map (channel 0) plus BCE and
     soft Dice on the contour map (channel 1). ``y_true``/``y_pred`` (B, H, W, 2) in [0, 1]."""
 
-    def __init__(self, distance_weight=1.0, contour_weight=1.0, data_format="channels_last",
+    def __init__(self, distance_weight=1.0, contour_weight=1.0, data_format=None,
                  name=INSTANCE, **kwargs):
         super().__init__(data_format=data_format, name=name, **kwargs)
         self.distance_weight, self.contour_weight = float(distance_weight), float(contour_weight)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from xsight_keras._backend import resolve_data_format
 from xsight_keras.labels import label_names
 
 # Every SegmentationScore of a model sees the same (y_true, y_pred) tensors in a step; the
@@ -55,14 +56,14 @@ class SegmentationScore(keras.metrics.Metric):
     """
 
     def __init__(self, num_classes: int, class_ids, kind: str = "dice",
-                 data_format: str = "channels_last", name=None, **kwargs):
+                 data_format: str | None = None, name=None, **kwargs):
         super().__init__(name=name or f"{kind}", **kwargs)
         if kind not in ("dice", "iou"):
             raise ValueError(f"kind must be 'dice' or 'iou', got {kind!r}")
         self.num_classes = int(num_classes)
         self.class_ids = [int(c) for c in class_ids]
         self.kind = kind
-        self.data_format = data_format
+        self.data_format = resolve_data_format(data_format)
         k = max(self.num_classes, 2)
         self.tp = self.add_variable(shape=(k,), initializer="zeros", name="tp")
         self.fp = self.add_variable(shape=(k,), initializer="zeros", name="fp")
@@ -95,7 +96,7 @@ class SegmentationScore(keras.metrics.Metric):
                 "class_ids": self.class_ids, "kind": self.kind, "data_format": self.data_format}
 
 
-def segmentation_metrics(class_names, data_format: str = "channels_last") -> list:
+def segmentation_metrics(class_names, data_format: str | None = None) -> list:
     """The standard metric set: ``dice_<class>`` per class, ``mean_dice`` (all classes),
     ``mean_fg_dice`` (classes 1..K-1) and ``mean_iou`` (all classes).
 

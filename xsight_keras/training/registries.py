@@ -88,7 +88,7 @@ def _adam(config, learning_rate):
     return FusedAdam(learning_rate=learning_rate, global_clipnorm=config.grad_clip_val or None)
 
 
-def head_loss(head, data_format: str = "channels_last"):
+def head_loss(head, data_format: str | None = None):
     """The loss object a head declares (:attr:`xsight_keras.heads.Head.loss`)."""
     return HEAD_LOSSES.build(head.loss, data_format)
 

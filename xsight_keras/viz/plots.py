@@ -8,7 +8,6 @@ backend and pyplot's figure list are left as they are.
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import cv2
@@ -16,6 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from xsight_keras.labels import CLASS_COLOURS, colourise, count_classes
+from xsight_keras.rundir import RunDir
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.4) -> np.ndarray:
@@ -205,14 +205,9 @@ def plot_run_comparison(run_dirs, path) -> Path:
 
 def latest_run(output_dir="outputs") -> Path:
     """The most recently modified run directory under ``output_dir`` that has a best.keras."""
-    runs = [p.parent for p in Path(output_dir).glob("*/best.keras")]
-    if not runs:
-        raise FileNotFoundError(f"no run with a best.keras under {output_dir}; train one first "
-                                f"(python scripts/train.py --preset demo)")
-    return max(runs, key=lambda p: (p / "best.keras").stat().st_mtime)
+    return RunDir.latest(output_dir).path
 
 
 def run_class_names(run_dir) -> list[str]:
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    names = config.get("class_names") or ["background", "nucleus"]
-    return ["background", names[0]] if len(names) == 1 else names
+    """Names of a run's label values 0..K-1 (see :attr:`RunDir.label_names`)."""
+    return RunDir.open(run_dir).label_names
