@@ -173,6 +173,10 @@ class RunDir:
         except ValueError as exc:
             raise ValueError(f"{self.postprocess_path}: not valid JSON ({exc})") from exc
 
+    def write_summary(self, summary: dict) -> None:
+        """Write ``summary.json`` (time taken, best and final metrics) atomically."""
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+
     def write_postprocess(self, settings: dict, search: dict | None = None) -> None:
         atomic_write_text(self.postprocess_path, json.dumps(settings, indent=2))
         if search is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import time
@@ -15,7 +14,6 @@ import numpy as np
 from xsight_keras.config import RunConfig, parse_batch_sizes
 from xsight_keras.data import PreparedDataset, SegmentationDataset, make_loader
 from xsight_keras.data.demo import write_demo_dataset
-from xsight_keras.files import atomic_write_text
 from xsight_keras.heads import get_head, is_class_map, output_names, primary_class_map
 from xsight_keras.labels import label_names
 from xsight_keras.models import grow
@@ -391,9 +389,9 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
         print(f"best checkpoint {best_path} ({monitor} = {max(history.get(monitor, [np.nan])):.4f})")
         print_class_table(last_val, class_names, prefix)
     result.seconds = time.time() - start
-    atomic_write_text(run_dir / "summary.json", json.dumps(
+    RunDir(run_dir).write_summary(
         {"seconds": result.seconds, "best": result.best_metrics,
-         "final": {k: float(v[-1]) for k, v in history.items()}}, indent=2))
+         "final": {k: float(v[-1]) for k, v in history.items()}})
     return result
 
 
