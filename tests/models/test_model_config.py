@@ -87,3 +87,26 @@ def test_clone_keeps_class_layout_and_policy():
     assert isinstance(clone, ProgressiveUNet) and clone.data_format == "channels_last"
     assert clone.get_layer("enc1_block1_conv").compute_dtype == "bfloat16"
     assert keras.config.dtype_policy().name == "float32"
+
+
+def test_a_model_saved_by_the_code_before_this_contract_loads_predicts_and_grows():
+    """tests/fixtures/legacy_pgu_stage2_instance.keras was saved by commit 91fa518 (PGU-Net
+    stage 2, 3 classes, instance head, channels_first; plain Functional), with the outputs it
+    gave for the stored input."""
+    from tests.helpers import ROOT
+    from xsight_keras.data import PreprocessConfig
+    from xsight_keras.inference import Predictor
+
+    fixtures = ROOT / "tests" / "fixtures"
+    stored = np.load(fixtures / "legacy_pgu_stage2_instance.npz")
+    model = keras.models.load_model(fixtures / "legacy_pgu_stage2_instance.keras")
+    got = model.predict(stored["x"], verbose=0)
+    assert sorted(got) == sorted(k for k in stored.files if k != "x")
+    for name, value in got.items():
+        np.testing.assert_allclose(value, stored[name], atol=1e-6, err_msg=name)
+    info = describe_model(model)
+    assert (info["stage"], info["num_classes"], info["instance_head"]) == (2, 3, True)
+    assert grow(model).arguments["stage"] == 3
+    maps = Predictor(model, PreprocessConfig(clahe_clip_limit=0, zscore="none"),
+                     tile_size=64).predict_maps(np.zeros((70, 64, 3), np.uint8))
+    assert maps[SEMANTIC].shape == (70, 64, 3) and maps[INSTANCE].shape == (70, 64, 2)
