@@ -16,8 +16,10 @@ from typing import Any
 import yaml
 
 from xsight_keras.data.preprocess import PreprocessConfig
+from xsight_keras.heads import extra_heads
+from xsight_keras.models.encoders.registry import available_encoders
 from xsight_keras.rundir import LEGACY_PREPROCESS_KEYS, RunDir, preprocess_from_settings
-from xsight_keras.training.registries import LOSSES, MODELS, OPTIMIZERS, SCHEDULES
+from xsight_keras.training.registries import HEAD_LOSSES, LOSSES, MODELS, OPTIMIZERS, SCHEDULES
 
 # The presets are package data (``xsight_keras/configs/<name>.yaml``), read through
 # importlib.resources so that they are found in an installed wheel as in a clone (where the
@@ -235,14 +237,16 @@ def validate_config(config: RunConfig) -> None:
         "device": ("auto", "cpu", "cuda"),
         "resize_mode": ("crop", "resize"),
     }
-    # The registry imports no Keras itself; importing it here, not at module level, keeps this
-    # module free of the model code (the encoder families register when the package loads).
-    from xsight_keras.models.encoders.registry import available_encoders
-
     choices["encoder"] = tuple(available_encoders())
     for key, allowed in choices.items():
         if getattr(config, key) not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {getattr(config, key)!r}")
+    for head in extra_heads(config.instance_head, config.heads):  # declared, not class maps
+        HEAD_LOSSES.check(head.loss)
+    pre = config.preprocess
+    if pre.zscore == "dataset" and len(pre.mean) != config.in_channels:
+        raise ValueError(f"preprocess: zscore 'dataset' has {len(pre.mean)} channel means for "
+                         f"in_channels {config.in_channels}")
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError("epochs and batch_size must be at least 1")
     if config.lr <= 0:

@@ -13,7 +13,7 @@ Outputs of the two model families:
 - PGU-Net stage k: ``fused`` (the semantic map: the mean of every level's logits) and
   ``scale_{s}`` for s = 1, 2, …, 2^(k-1) (deep supervision at 1/s resolution), plus ``instance``.
 
-``semantic``, ``fused`` and ``scale_{s}`` are all class maps (:data:`CLASS_MAP`); the predictor
+``semantic``, ``fused`` and ``scale_{s}`` are all class maps (:class:`ClassMapHead`); the predictor
 reports the model's primary class map (``fused`` or ``semantic``) under :data:`SEMANTIC`.
 """
 

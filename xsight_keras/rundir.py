@@ -21,7 +21,6 @@ import json
 from functools import cached_property
 from pathlib import Path
 
-from xsight_keras.data.prepared import PreparedDataset
 from xsight_keras.data.preprocess import PreprocessConfig
 from xsight_keras.files import atomic_write_text
 from xsight_keras.labels import label_names
@@ -92,7 +91,7 @@ class RunDir:
         runs = [p.parent for p in Path(output_dir).glob("*/best.keras")]
         if not runs:
             raise FileNotFoundError(f"no run with a best.keras under {output_dir}; train one first "
-                                    f"(python scripts/train.py --preset demo)")
+                                    f"(xsight-train --preset demo)")
         return cls(max(runs, key=lambda p: (p / "best.keras").stat().st_mtime))
 
     # ---- paths
@@ -114,6 +113,11 @@ class RunDir:
 
     def history_csv(self, stage: int | None = None) -> Path:
         return self.path / (f"history_stage_{stage}.csv" if stage else "history.csv")
+
+    def stage_histories(self) -> list[Path]:
+        """The per-stage history files of a PGU-Net run, by stage."""
+        return sorted(self.path.glob("history_stage_*.csv"),
+                      key=lambda p: int(p.stem.rsplit("_", 1)[1]))
 
     # ---- config.json
     @cached_property
@@ -149,9 +153,11 @@ class RunDir:
         """Names of the label values 0..K-1 (binary runs: background, nucleus)."""
         return label_names(self.class_names or ["nucleus"])
 
-    def split(self, split: str, data_root=None) -> tuple[str, PreparedDataset]:
+    def split(self, split: str, data_root=None):
         """``(folder name, PreparedDataset)`` of ``split`` (``train``/``valid``/``test``, mapped
         through the run's configuration, or a split folder name) of the run's dataset."""
+        from xsight_keras.data.prepared import PreparedDataset
+
         s = self.settings
         folder = {"train": s.get("train_split"), "valid": s.get("val_split"),
                   "val": s.get("val_split"), "test": s.get("test_split")}.get(split) or split

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
+from xsight_keras.heads import SEMANTIC
 from xsight_keras.inference.predictor import Predictor
 from xsight_keras.labels import label_names
 
@@ -49,10 +50,14 @@ def scores_from_confusion(confusion: np.ndarray, class_names) -> dict:
 def predict_sample(predictor: Predictor, sample, num_classes: int):
     """Predict one prepared sample whole and align its ground truth with the model's classes.
 
-    Returns ``(probabilities (H, W, K), instance maps or None, truth labels (H, W), k)`` where
-    k = K, or 2 for a binary model (then every nucleus class of the truth counts as 1).
+    Returns ``(probabilities (H, W, K), head maps, truth labels (H, W), k)`` where the head
+    maps are a dict of every other head's maps (:meth:`Predictor.predict_maps`; ``None`` when
+    the model has no other head, the post-processing's input), and k = K, or 2 for a binary
+    model (then every nucleus class of the truth counts as 1).
     """
-    probs, instance_maps = predictor.predict_outputs(sample.image)
+    maps = predictor.predict_maps(sample.image)
+    probs = maps.pop(SEMANTIC)
+    instance_maps = maps or None
     binary = probs.shape[-1] == 1
     truth = (sample.classes > 0).astype(np.uint8) if binary else sample.classes
     k = 2 if binary else probs.shape[-1]

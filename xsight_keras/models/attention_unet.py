@@ -40,7 +40,8 @@ def attention_unet(
 ) -> AttentionUNet:
     """Build an Attention U-Net on the encoder ``encoder`` (any name in ``available_encoders()``).
 
-    Input: float images (B, H, W, ``input_channels``) (channels first under that data format),
+    Input: float images (B, H, W, ``input_channels``), or (B, ``input_channels``, H, W) in
+    ``channels_first`` (the default on torch),
     typically CLAHE + z-score normalised; H and W multiples of 32, checked with a clear error.
     Output: (B, H, W, ``num_classes``) float32 probabilities (``softmax`` over classes or
     per-channel ``sigmoid``; ``None`` gives logits), whatever the mixed-precision policy.

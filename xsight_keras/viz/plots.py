@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from matplotlib.figure import Figure
 
+from xsight_keras.heads import FUSED, SEMANTIC
 from xsight_keras.labels import CLASS_COLOURS, colourise, count_classes
 from xsight_keras.rundir import RunDir
 
@@ -150,9 +151,9 @@ def plot_dataset_statistics(dataset, path, samples_path=None, n_samples: int = 8
 
 
 def _read_history(run_dir: Path) -> list[dict]:
-    path = run_dir / "history.csv"
+    path = RunDir(run_dir).history_csv()
     if not path.is_file():
-        stages = sorted(run_dir.glob("history_stage_*.csv"))
+        stages = RunDir(run_dir).stage_histories()
         if not stages:
             raise FileNotFoundError(f"{run_dir} has no history.csv")
         rows = []
@@ -177,8 +178,9 @@ def plot_run_comparison(run_dirs, path) -> Path:
         axes[0].plot(epochs, [float(r["loss"]) for r in rows], label=f"{name} train")
         if "val_loss" in rows[0]:
             axes[0].plot(epochs, [float(r["val_loss"]) for r in rows], "--", label=f"{name} val")
-        key = next((k for k in ("val_mean_fg_dice", "val_fused_mean_fg_dice", "val_fused_dice_nucleus",
-                                "val_dice_nucleus") if k in rows[0]), None)
+        prefixes = ["val_"] + [f"val_{name}_" for name in (FUSED, SEMANTIC)]  # dict-output models
+        key = next((p + k for k in ("mean_fg_dice", "dice_nucleus") for p in prefixes
+                    if p + k in rows[0]), None)
         if key:
             axes[1].plot(epochs, [float(r[key]) for r in rows], label=name)
         keys = [k for k in rows[0] if k.startswith("val_") and "dice_" in k and "mean" not in k]
