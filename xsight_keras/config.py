@@ -79,7 +79,9 @@ class RunConfig:
     lr_schedule: str = "onecycle"  # onecycle | warmup_cosine | constant
     warmup_epochs: int = 2
     min_lr_factor: float = 0.01
-    steps_per_epoch: int | None = None  # None: one pass over the training split
+    steps_per_epoch: int | None = None  # sets samples per epoch = steps × batch × processes
+    samples_per_epoch: int | None = None  # crops per epoch drawn across images by area (None: 1 per image)
+    crops_per_image: float | None = None  # or: samples per epoch = ceil(this × number of images)
     # loss
     loss: str = "hybrid"  # hybrid | dice | fw_dice | focal | ce | bce_dice
     dice_weight: float = 1.0
@@ -247,6 +249,10 @@ def validate_config(config: RunConfig) -> None:
     if pre.zscore == "dataset" and len(pre.mean) != config.in_channels:
         raise ValueError(f"preprocess: zscore 'dataset' has {len(pre.mean)} channel means for "
                          f"in_channels {config.in_channels}")
+    for key in ("steps_per_epoch", "samples_per_epoch", "crops_per_image"):
+        value = getattr(config, key)
+        if value is not None and value <= 0:
+            raise ValueError(f"{key} must be positive (or unset), got {value}")
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError("epochs and batch_size must be at least 1")
     if config.lr <= 0:

@@ -260,3 +260,94 @@ def test_each_transform_draws_its_own_chance(demo_data):
     seen = {tuple(np.array_equal(augment_sample(flips, image, [], seed)[0], f(image))
                   for f in (np.fliplr, np.flipud)) for seed in range(32)}
     assert {(True, False), (False, True)} <= seen, seen  # one flip without the other, both ways
+
+
+def _large_images_split(root):
+    """A ragged prepared split: a 300×300, a 200×400 and an 80×100 image (smaller than the
+    crop), random pixels, the image index as its class everywhere."""
+    from xsight_keras.data import PreparedWriter
+
+    shapes = [(300, 300, 3), (200, 400, 3), (80, 100, 3)]
+    rng = np.random.default_rng(0)
+    with PreparedWriter(root, shapes, ["background", "a", "b", "c"]) as writer:
+        for i, (h, w, c) in enumerate(shapes):
+            classes = np.full((h, w), i + 1, np.uint8)
+            instances = np.zeros((h, w), np.int32)
+            instances[10:20, 10:20] = 1
+            writer.write(i, rng.integers(0, 256, (h, w, c), dtype=np.uint8), classes, instances,
+                         f"img{i}")
+    return shapes
+
+
+def test_samples_per_epoch_draws_crops_across_images_by_area(tmp_path):
+    shapes = _large_images_split(tmp_path / "big")
+    raw = PreprocessConfig(clahe_clip_limit=0, zscore="none")
+    ds = SegmentationDataset(tmp_path / "big", size=128, level=1, samples_per_epoch=46,
+                             target="sparse", preprocess=raw, seed=3, data_format="channels_last")
+    assert len(ds) == 46
+    areas = np.array([h * w for h, w, _ in shapes], float)
+    for epoch in (0, 1):
+        images = [ds.image_of(epoch, i) for i in range(len(ds))]
+        counts = np.bincount(images, minlength=3)
+        expected = 46 * areas / areas.sum()  # 18.9, 16.8, 0.3 crops
+        assert np.all(np.abs(counts - expected) < 1), (counts, expected)
+        for i in range(len(ds)):  # each crop comes from the image the mapping names, padded if small
+            x, y, _ = ds[(epoch, i)]
+            assert x.shape == (128, 128, 3) and np.all(y == images[i] + 1)
+    # the windowed read is the crop a whole read would have given
+    from xsight_keras.data.loader import _fit_to_size
+
+    full = ds.dataset[0]
+    rng = np.random.default_rng([3, 0, 5])
+    image, _ = _fit_to_size((full.image, [full.classes]), 128, rng, True, False)
+    window_rng = np.random.default_rng([3, 0, 5])
+    from xsight_keras.data.loader import _crop_window
+
+    y0, x0, h, w = _crop_window((300, 300), 128, window_rng, True)
+    np.testing.assert_array_equal(ds.dataset.window(0, y0, x0, h, w).image, image)
+    # validation keeps one sample per image, whatever samples_per_epoch says
+    assert len(SegmentationDataset(tmp_path / "big", size=128, train=False, samples_per_epoch=46,
+                                   preprocess=raw)) == 3
+    with pytest.raises(ValueError, match="samples_per_epoch must be a positive number"):
+        SegmentationDataset(tmp_path / "big", size=128, samples_per_epoch=0)
+
+
+def test_samples_per_epoch_batches_are_the_same_with_workers_and_after_a_resume(tmp_path):
+    _large_images_split(tmp_path / "big")
+    ds = SegmentationDataset(tmp_path / "big", size=64, level=2, samples_per_epoch=12, seed=1,
+                             data_format="channels_first")
+
+    def epochs(loader, n):
+        return [[(x.numpy().copy(), y.numpy().copy()) for x, y in loader] for _ in range(n)]
+
+    plain = epochs(make_loader(ds, 4), 2)
+    workers = epochs(make_loader(ds, 4, num_workers=2), 2)
+    resumed = epochs(make_loader(ds, 4, start_epoch=1), 1)  # a run resumed at epoch 1
+    assert len(plain[0]) == 3
+    for a, b in zip(plain[0] + plain[1], workers[0] + workers[1]):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    for a, b in zip(plain[1], resumed[0]):
+        np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(plain[0][0][0], plain[1][0][0])  # epochs differ
+
+
+def test_fit_asking_more_steps_than_the_loader_has_stops_before_training(demo_data):
+    import keras
+
+    from xsight_keras.training import SyncLoaderEpoch
+
+    ds = SegmentationDataset(demo_data / "train", size=32, target="binary",
+                             data_format="channels_last")
+    loader = make_loader(ds, 4)  # 8 images: 2 batches per epoch
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Conv2D(1, 1, activation="sigmoid")])
+    model.compile("sgd", "binary_crossentropy")
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="fit asks for 5 steps per epoch but the loader has 2 batches"):
+        model.fit(loader, steps_per_epoch=5, epochs=1, verbose=0, callbacks=[SyncLoaderEpoch(loader)])
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    loader = make_loader(SegmentationDataset(demo_data / "train", size=32, target="binary",
+                                             data_format="channels_last", samples_per_epoch=20), 4)
+    history = model.fit(loader, epochs=1, verbose=0, callbacks=[SyncLoaderEpoch(loader)])
+    assert len(loader) == 5 and history.history["loss"]

@@ -185,15 +185,19 @@ def test_train_leaves_keras_global_settings_as_it_found_them(demo_data, tmp_path
     assert keras.config.dtype_policy().name == "float32"
 
 
-def test_run_with_an_instance_head_trains_both_outputs(demo_data, tmp_path):
+def test_run_with_an_instance_head_trains_both_outputs_for_the_steps_asked(demo_data, tmp_path):
+    """8 training images at batch 4 are 2 steps; --steps_per_epoch 5 must run 5 (crops drawn
+    across the images), with the one-cycle schedule built for those 5 steps."""
     config = load_config("demo", overrides={
         "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": "inst",
         "epochs": 1, "batch_size": 4, "input_size": 32, "val_size": 32, "instance_head": True,
-        "decoder_filters": "8,8,8,8,8"})
+        "decoder_filters": "8,8,8,8,8", "steps_per_epoch": 5})
     result = train(config)
     assert {"val_semantic_mean_fg_dice", "instance_loss", "val_instance_loss"} <= set(result.history)
-    model = keras.models.load_model(result.run_dir / "best.keras")
+    model = keras.models.load_model(result.run_dir / "final.keras")
     assert set(model.output) == {"semantic", "instance"}
+    assert int(model.optimizer.iterations) == 5
+    assert model.optimizer.get_config()["learning_rate"]["config"]["total_steps"] == 5
 
 
 def test_non_finite_loss_from_the_command_line_exits_3_and_keeps_the_checkpoints(run_copy, trained_run):

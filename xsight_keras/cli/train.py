@@ -29,7 +29,7 @@ FLAGS = {
     "encoder_weights": str, "input_size": int, "size_schedule": str, "aug_schedule": str,
     "loss": str, "lr_schedule": str, "optimizer": str, "steps_per_epoch": int,
     "data_format": str, "overwrite": bool, "jit_compile": bool, "tta_val": bool,
-    "instance_head": bool, "heads": str, "lr_scaling": str, "cpu_malloc_tuning": bool,
+    "instance_head": bool, "heads": str, "samples_per_epoch": int, "crops_per_image": float, "lr_scaling": str, "cpu_malloc_tuning": bool,
 }
 
 

@@ -69,6 +69,31 @@ def value_at(schedule: dict[int, int], epoch: int, default=None):
     return value
 
 
+def _crop_window(shape_hw, size: int, rng, random_crop: bool) -> tuple[int, int, int, int]:
+    """``(y, x, height, width)`` of the ``size``×``size`` crop of an image of ``shape_hw``
+    (random or central) inside the image; a side shorter than ``size`` is taken whole (it is
+    reflect-padded afterwards, :func:`_pad_to`). The random draws are the ones
+    :func:`_fit_to_size` makes, so a windowed read gives the same crop as a whole one."""
+    h, w = shape_hw
+    hp, wp = max(h, size), max(w, size)
+    if random_crop:
+        y, x = int(rng.integers(0, hp - size + 1)), int(rng.integers(0, wp - size + 1))
+    else:
+        y, x = (hp - size) // 2, (wp - size) // 2
+    return y, x, min(size, h), min(size, w)
+
+
+def _pad_to(image, masks, size: int):
+    """Reflect-pad image and masks (centred) to at least ``size`` on each side."""
+    h, w = image.shape[:2]
+    if h >= size and w >= size:
+        return image, masks
+    ph, pw = max(size - h, 0), max(size - w, 0)
+    pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+    return (np.pad(image, pads + ((0, 0),), mode="reflect"),
+            [np.pad(m, pads, mode="reflect") for m in masks])
+
+
 def _fit_to_size(arrays, size: int, rng, random_crop: bool, resize: bool):
     """Crop (random or central) or resize image + masks to ``size``×``size``; reflect-pad if small."""
     image, masks = arrays
@@ -79,16 +104,8 @@ def _fit_to_size(arrays, size: int, rng, random_crop: bool, resize: bool):
             image = image[..., None]
         masks = [cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) for m in masks]
         return image, masks
-    if h < size or w < size:
-        ph, pw = max(size - h, 0), max(size - w, 0)
-        pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
-        image = np.pad(image, pads + ((0, 0),), mode="reflect")
-        masks = [np.pad(m, pads, mode="reflect") for m in masks]
-        h, w = image.shape[:2]
-    if random_crop:
-        y, x = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
-    else:
-        y, x = (h - size) // 2, (w - size) // 2
+    image, masks = _pad_to(image, masks, size)
+    y, x, _, _ = _crop_window(image.shape[:2], size, rng, random_crop)
     return image[y:y + size, x:x + size], [m[y:y + size, x:x + size] for m in masks]
 
 
@@ -109,6 +126,11 @@ class SegmentationDataset(Dataset):
             (:meth:`xsight_keras.heads.Head.target`). ``None``: the class map alone, not a dict.
         scales, instance_targets: the older way to name the outputs: PGU-Net scales (``fused``
             plus ``scale_{s}``) and/or the instance head.
+        samples_per_epoch: training epochs of this many samples (crops) instead of one per image:
+            sample ``i`` of an epoch comes from the image at position ``(i + u) / n`` of the
+            images laid end to end by area (``u`` one random offset per epoch), so each image
+            gives a share of the crops proportional to its area, a pure function of
+            ``(seed, epoch, index)``; ``None`` (and always for validation): one per image.
         data_format: layout of images and one-hot targets, ``"channels_last"`` or
             ``"channels_first"``; ``None``: the backend's fast layout, as the model builders
             choose it (:func:`xsight_keras._backend.default_data_format`).
@@ -120,7 +142,7 @@ class SegmentationDataset(Dataset):
                  preprocess: PreprocessConfig = PreprocessConfig(), target="onehot",
                  num_classes: int | None = None, scales: Iterable[int] | None = None,
                  data_format: str | None = None, seed: int = 0, instance_targets: bool = False,
-                 outputs: Iterable[str] | None = None):
+                 outputs: Iterable[str] | None = None, samples_per_epoch: int | None = None):
         self.dataset = dataset if isinstance(dataset, PreparedDataset) else PreparedDataset(dataset)
         if target not in TARGET_KINDS:
             raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}")
@@ -136,6 +158,14 @@ class SegmentationDataset(Dataset):
         self.scales = tuple(scales) if scales else None
         self.data_format = resolve_data_format(data_format)
         self.seed = seed
+        if samples_per_epoch is not None and int(samples_per_epoch) < 1:
+            raise ValueError(f"samples_per_epoch must be a positive number of samples, got "
+                             f"{samples_per_epoch}")
+        self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch and train else None
+        if self.samples_per_epoch:
+            areas = np.array([h * w for h, w, _ in map(self.dataset.shape, range(len(self.dataset)))],
+                             np.float64)
+            self._area_edges = np.cumsum(areas) / areas.sum()
         if outputs is None and (self.scales or instance_targets):
             outputs = ([FUSED] + [scale_output(s) for s in self.scales] if self.scales
                        else [SEMANTIC]) + [h.name for h in extra_heads(instance_targets)]
@@ -148,7 +178,17 @@ class SegmentationDataset(Dataset):
         self._eye = np.eye(self.num_classes, dtype=np.float32)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        """Samples per epoch: ``samples_per_epoch``, or the number of images."""
+        return self.samples_per_epoch or len(self.dataset)
+
+    def image_of(self, epoch: int, index: int) -> int:
+        """The image that sample ``index`` of ``epoch`` is cut from (see ``samples_per_epoch``)."""
+        if not self.samples_per_epoch:
+            return index
+        offset = np.random.default_rng([self.seed, epoch, 2**31 - 1]).random()
+        position = (index + offset) / self.samples_per_epoch
+        return min(int(np.searchsorted(self._area_edges, position, side="right")),
+                   len(self.dataset) - 1)
 
     def size_at(self, epoch: int) -> int | None:
         return value_at(self.size_schedule, epoch)
@@ -176,14 +216,21 @@ class SegmentationDataset(Dataset):
     def sample(self, epoch: int, index: int):
         """Image and targets of sample ``index`` as seen at ``epoch`` (see class docstring)."""
         rng = np.random.default_rng([self.seed, epoch, index])
-        item = self.dataset[index]
+        image_index = self.image_of(epoch, index)
+        size = self.size_at(epoch)
+        if size is not None and self.resize_mode == "crop":  # read only the crop's window
+            y, x, h, w = _crop_window(self.dataset.shape(image_index)[:2], size, rng, self.train)
+            item = self.dataset.window(image_index, y, x, h, w)
+        else:
+            item = self.dataset[image_index]
         image, masks = item.image, [item.classes]
         if self.needs_instances:
             masks.append(item.instances)
-        size = self.size_at(epoch)
         if size is not None:
-            image, masks = _fit_to_size((image, masks), size, rng, self.train,
-                                        self.resize_mode == "resize")
+            if self.resize_mode == "crop":
+                image, masks = _pad_to(image, masks, size)
+            else:
+                image, masks = _fit_to_size((image, masks), size, rng, self.train, True)
         level = self.level_at(epoch)
         if level:
             image, masks = augment_sample(self._augmentation(level), np.ascontiguousarray(image),

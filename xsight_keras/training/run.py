@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 import time
@@ -148,8 +149,28 @@ def _prepare_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
-def _datasets(config, train_split, val_split, model, size=None):
-    """Training and validation datasets with one target per output of ``model``."""
+def samples_per_epoch(config: RunConfig, num_images: int, batch_size: int,
+                      world_size: int = 1) -> int | None:
+    """Training samples per epoch: ``steps_per_epoch × batch × processes`` when steps are set,
+    else ``samples_per_epoch``, else ``ceil(crops_per_image × images)``; ``None``: one sample
+    per image. Raises ``ValueError`` when steps and samples are both set and disagree."""
+    per_step = batch_size * world_size
+    chosen = config.samples_per_epoch
+    if chosen is None and config.crops_per_image:
+        chosen = math.ceil(config.crops_per_image * num_images)
+    if config.steps_per_epoch:
+        wanted = config.steps_per_epoch * per_step
+        if chosen is not None and chosen != wanted:
+            raise ValueError(f"steps_per_epoch {config.steps_per_epoch} × batch {batch_size} × "
+                             f"{world_size} process(es) = {wanted} samples per epoch, but "
+                             f"samples_per_epoch/crops_per_image give {chosen}: set one of them")
+        return wanted
+    return chosen
+
+
+def _datasets(config, train_split, val_split, model, size=None, batch_size=None, world_size=1):
+    """Training and validation datasets with one target per output of ``model``; the training
+    epoch has :func:`samples_per_epoch` samples."""
     pre = config.preprocess
     target = "binary" if config.num_classes == 1 else "onehot"
     train_size = size or (config.size_schedule if config.progressive else config.input_size)
@@ -157,8 +178,11 @@ def _datasets(config, train_split, val_split, model, size=None):
     common = dict(preprocess=pre, target=target, outputs=outputs, data_format=config.data_format,
                   seed=config.seed,
                   num_classes=max(config.num_classes, 2) if target == "onehot" else None)
+    samples = samples_per_epoch(config, len(train_split), batch_size or config.batch_size,
+                                world_size)
     train = SegmentationDataset(train_split, size=train_size, level=config.aug_schedule,
-                                resize_mode=config.resize_mode, train=True, **common)
+                                resize_mode=config.resize_mode, train=True,
+                                samples_per_epoch=samples, **common)
     val = SegmentationDataset(val_split, size=size or config.val_size, train=False, **common)
     return train, val
 
@@ -171,13 +195,16 @@ def _batch_sizes(config: RunConfig) -> list[int]:
     return [config.batch_size]
 
 
-def _check_batch_sizes(config: RunConfig, num_samples: int, world_size: int = 1) -> None:
-    """Every batch size the run will use must fit the training split (checked before any write)."""
+def _check_batch_sizes(config: RunConfig, num_images: int, world_size: int = 1) -> None:
+    """Every batch size the run will use must fit an epoch of training samples, and the epoch
+    settings must agree (checked before any write)."""
     for batch in _batch_sizes(config):
+        num_samples = samples_per_epoch(config, num_images, batch, world_size) or num_images
         if batch * world_size > num_samples:
             processes = f" × {world_size} processes" if world_size > 1 else ""
-            raise ValueError(f"batch size {batch}{processes} is larger than the training split "
-                             f"({num_samples} samples in {config.data_root}/{config.train_split})")
+            raise ValueError(f"batch size {batch}{processes} is larger than an epoch of the training "
+                             f"split ({num_samples} samples from {config.data_root}/"
+                             f"{config.train_split}; more with samples_per_epoch)")
 
 
 def _class_names(config, train_split):
@@ -229,6 +256,9 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     train_loader = make_loader(train, batch_size, num_workers=config.num_workers,
                                mixup_alpha=config.mixup_alpha, start_epoch=initial_epoch, **shard)
     val_loader = make_loader(val, batch_size, num_workers=0, **shard)
+    if len(train_loader) != steps:  # the schedule was built for `steps`: never train fewer
+        raise RuntimeError(f"the training loader has {len(train_loader)} batches per epoch, the "
+                           f"learning-rate schedule was built for {steps}")
     run = RunDir(run_dir)
     best_path, csv_path = run.checkpoint("best", stage), run.history_csv(stage)
     callbacks = [EpochSeeder(config.seed), SyncLoaderEpoch(train_loader), StopOnNonFiniteLoss(ctx),
@@ -270,7 +300,7 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
                              write=ctx.is_primary)
     callbacks.append(recorder)  # last: it saves what the callbacks before it have done
     model.fit(train_loader, validation_data=val_loader, epochs=epochs, initial_epoch=initial_epoch,
-              steps_per_epoch=config.steps_per_epoch, callbacks=callbacks,
+              callbacks=callbacks,
               verbose=2 if ctx.is_primary else 0)
     if ctx.is_primary and csv_path.is_file() and csv_path.stat().st_size:
         plot_history(csv_path, run_dir / f"curves{tag}.png")
@@ -368,7 +398,8 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
             config, train_split, val_split, run_dir, class_names, ema, swa, state)
     else:
         model = build_model(config)
-        train, val = _datasets(config, train_split, val_split, model)
+        train, val = _datasets(config, train_split, val_split, model,
+                               world_size=current_context().world_size)
         history, best_path, monitor, _, train_loader = _fit(
             model, config, train, val, config.batch_size, config.epochs, run_dir, class_names, ema,
             swa, state=state)
@@ -409,8 +440,9 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
                 stage_state = state
                 merged = state["history"]
         model = build_model(config, stage) if model is None else grow(model)
-        train, val = _datasets(config, train_split, val_split, model, size=resolution)
         batch = batch_sizes.get(resolution, config.batch_size)
+        train, val = _datasets(config, train_split, val_split, model, size=resolution,
+                               batch_size=batch, world_size=current_context().world_size)
         print(f"PGU-Net stage {stage}: {resolution}×{resolution}, batch {batch}, "
               f"{config.epochs_per_stage} epochs, {model.count_params():,} parameters")
         history, best_path, monitor, _, train_loader = _fit(

@@ -48,11 +48,23 @@ class SyncLoaderEpoch(keras.callbacks.Callback):
     epoch (to build the model), which would shift every epoch-keyed schedule (size,
     augmentation level, shuffling) by one. Setting the epoch at ``on_epoch_begin`` keeps them at
     exactly Keras' epoch numbers, also after a resume.
+
+    It also refuses, before the first step, a ``fit(steps_per_epoch=...)`` that asks for more
+    batches than the loader has in an epoch (Keras would stop each epoch early with a warning,
+    training fewer steps than asked): give the dataset ``samples_per_epoch`` instead.
     """
 
     def __init__(self, loader):
         super().__init__()
         self.loader = loader
+
+    def on_train_begin(self, logs=None):
+        steps, available = (self.params or {}).get("steps"), len(self.loader)
+        if steps is not None and steps > available:
+            raise ValueError(
+                f"fit asks for {steps} steps per epoch but the loader has {available} batches "
+                f"per epoch; training would stop each epoch early. Set the dataset's "
+                f"samples_per_epoch to {steps} × the batch size (or leave steps_per_epoch out)")
 
     def on_epoch_begin(self, epoch, logs=None):
         self.loader.batch_sampler.set_epoch(epoch)
