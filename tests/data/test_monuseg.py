@@ -88,3 +88,15 @@ def test_validation_fraction_splits_images_by_seed(tmp_path):
     assert sorted(train.names + valid.names) == ["a", "b", "c", "d", "e"]
     again = prepare_monuseg(tmp_path / "src", tmp_path / "again", progress=False, val_fraction=0.4, seed=1)
     assert PreparedDataset(again[1]).names == valid.names
+
+
+def test_an_annotation_without_regions_is_an_image_without_nuclei(tmp_path):
+    write_pair(tmp_path / "src", "a", [region(1, [(2, 2), (12, 2), (12, 12)])])
+    write_pair(tmp_path / "src", "b", [])  # <Regions> empty: valid, no nuclei
+    (tmp_path / "src" / "c.xml").write_text('<?xml version="1.0"?><Annotations/>')
+    write_pair(tmp_path / "tmp", "c", [])
+    (tmp_path / "tmp" / "c.tif").rename(tmp_path / "src" / "c.tif")
+    prepare_monuseg(tmp_path / "src", tmp_path / "out", progress=False)
+    ds = PreparedDataset(tmp_path / "out")
+    counts = {ds.meta["names"][i]: int(ds[i].instances.max()) for i in range(len(ds))}
+    assert counts == {"a": 1, "b": 0, "c": 0}
