@@ -79,6 +79,9 @@ def test_grayscale_input_takes_summed_rgb_kernel(tmp_path):
 
 def test_imagenet_weights_are_found_in_the_torch_hub_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    # not in the cache and not downloadable (no network in tests: an empty file:// mirror);
+    # the download itself is tested in test_weights_download.py
+    monkeypatch.setenv("XSIGHT_WEIGHTS_URL_PREFIX", (tmp_path / "empty_mirror").as_uri())
     with pytest.raises(FileNotFoundError) as err:
         resnet_encoder("resnet18", weights="imagenet")
     message = str(err.value)

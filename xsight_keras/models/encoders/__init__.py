@@ -15,6 +15,7 @@ from xsight_keras.models.encoders.base import (
     read_state_dict,
     torch_hub_checkpoint_dir,
 )
+from xsight_keras.models.encoders.download import CorruptDownloadError, WeightsDownloadError
 from xsight_keras.models.encoders.registry import (
     available_encoders,
     build_encoder,
@@ -38,8 +39,10 @@ __all__ = [
     "RESNET_SPECS",
     "TORCHVISION_URLS",
     "Checkpoint",
+    "CorruptDownloadError",
     "Encoder",
     "ResNet",
+    "WeightsDownloadError",
     "available_encoders",
     "build_encoder",
     "encoder_channels",

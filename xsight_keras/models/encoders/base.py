@@ -24,6 +24,7 @@ import keras
 import numpy as np
 from keras import layers
 
+from xsight_keras.models.encoders.download import checkpoint_url, download_checkpoint
 from xsight_keras.models.encoders.registry import ENCODER_PREFIX
 from xsight_keras.models.layers import image_input
 
@@ -45,12 +46,14 @@ class Checkpoint:
 
 
 def torch_hub_checkpoint_dir() -> Path:
-    """The folder where ``torch.hub`` keeps downloaded checkpoints (``$TORCH_HOME/hub/checkpoints``)."""
+    """The folder where ``torch.hub`` keeps downloaded checkpoints, by torch's rule:
+    ``$TORCH_HOME/hub/checkpoints``, else ``$XDG_CACHE_HOME/torch/hub/checkpoints``, else
+    ``~/.cache/torch/hub/checkpoints``."""
     torch_home = os.environ.get("TORCH_HOME")
     if torch_home is None:
-        cache = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+        cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
         torch_home = os.path.join(cache, "torch")
-    return Path(torch_home) / "hub" / "checkpoints"
+    return Path(os.path.expanduser(torch_home)) / "hub" / "checkpoints"
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -144,7 +147,8 @@ class Encoder:
         """The encoder alone as a Functional model on (None, None, C) images.
 
         Outputs: the feature maps in order of :attr:`strides` (a list). ``weights``: ``None``
-        (random init), ``"imagenet"`` or a torchvision ``.pth`` / ``.safetensors`` file.
+        (random init), ``"imagenet"`` (downloaded once into the torch hub cache) or a
+        torchvision ``.pth`` / ``.safetensors`` file.
         """
         if input_channels not in (1, 3):
             raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
@@ -156,24 +160,40 @@ class Encoder:
         return model
 
     # -- weights -------------------------------------------------------------------------------
-    def find_imagenet_checkpoint(self) -> Path:
-        """Locate this encoder's torchvision ImageNet checkpoint in the torch hub cache.
+    def find_imagenet_checkpoint(self, download: bool = False) -> Path:
+        """Locate this encoder's torchvision ImageNet checkpoint in the torch hub cache,
+        ``$TORCH_HOME/hub/checkpoints`` (:func:`torch_hub_checkpoint_dir`).
 
-        Looks for ``{name}-*.pth`` and ``{name}*.safetensors``. Raises ``FileNotFoundError``
-        that names the folder searched and how to obtain the file.
+        Takes the published file name (``resnet18-f37072fd.pth``) first, else any
+        ``{name}-*.pth`` or ``{name}*.safetensors`` placed there. When there is none:
+        ``download=True`` fetches the published file into that folder once (streamed, SHA-256
+        checked, renamed into place: :func:`.download.download_checkpoint`;
+        ``$XSIGHT_WEIGHTS_URL_PREFIX`` points at a mirror), ``download=False`` raises
+        ``FileNotFoundError`` naming the folder searched and the URL. A failed download raises
+        ``WeightsDownloadError`` (a ``FileNotFoundError``) naming the URL and the path to place
+        the file at, or ``CorruptDownloadError`` (a ``ValueError``) for a wrong hash.
         """
         folder = torch_hub_checkpoint_dir()
+        if self.imagenet is not None and (folder / self.imagenet.file_name).is_file():
+            return folder / self.imagenet.file_name
         hits = sorted(glob.glob(str(folder / f"{self.name}-*.pth")))
         hits += sorted(glob.glob(str(folder / f"{self.name}*.safetensors")))
-        if not hits:
-            how = (f"Download {self.imagenet.url} into that folder (set TORCH_HOME to use another), or"
-                   if self.imagenet else "No ImageNet checkpoint is known for it:")
-            raise FileNotFoundError(
-                f"encoder_weights='imagenet': no {self.name} checkpoint found in {folder} "
-                f"(looked for {self.name}-*.pth and {self.name}*.safetensors). {how} "
-                f"pass encoder_weights='/path/to/file.pth'."
+        if hits:
+            return Path(hits[0])
+        if download and self.imagenet is not None:
+            return download_checkpoint(
+                checkpoint_url(self.imagenet.url), folder / self.imagenet.file_name,
+                self.imagenet.sha256_prefix,
+                what=f"{self.name} ImageNet checkpoint (encoder_weights='imagenet')",
             )
-        return Path(hits[0])
+        how = (f"encoder_weights='imagenet' downloads {self.imagenet.url} into that folder "
+               f"(set TORCH_HOME to use another); or"
+               if self.imagenet else "No ImageNet checkpoint is known for it:")
+        raise FileNotFoundError(
+            f"no {self.name} ImageNet checkpoint found in {folder} "
+            f"(looked for {self.name}-*.pth and {self.name}*.safetensors). {how} "
+            f"pass encoder_weights='/path/to/file.pth'."
+        )
 
     def module_path(self, layer_name: str, prefix: str = ENCODER_PREFIX) -> str:
         """torchvision module path of the Keras layer ``layer_name``
@@ -219,13 +239,17 @@ class Encoder:
     ) -> list[str]:
         """Copy torchvision weights into the encoder layers of ``model`` (matched by name).
 
-        ``weights``: ``"imagenet"`` or a checkpoint path. Every weighted layer whose name starts
-        with ``prefix`` is filled (see :meth:`import_values`); keys under
+        ``weights``: ``"imagenet"`` (from the torch hub cache, downloaded there once if absent:
+        :meth:`find_imagenet_checkpoint`) or a checkpoint path. Every weighted layer whose name
+        starts with ``prefix`` is filled (see :meth:`import_values`); keys under
         :attr:`ignored_prefixes` (the classifier) and ``num_batches_tracked`` are ignored.
         Returns the names of the layers filled; raises ``ValueError`` naming the file when a
         tensor is missing, extra or of the wrong shape.
         """
-        path = self.find_imagenet_checkpoint() if str(weights) == "imagenet" else Path(weights)
+        if str(weights) == "imagenet":
+            path = self.find_imagenet_checkpoint(download=True)
+        else:
+            path = Path(weights)
         state = read_state_dict(path)
         used: set[str] = set()
         filled = []

@@ -64,10 +64,10 @@ def encoder_channels(encoder: str) -> tuple[int, ...]:
     return tuple(get_encoder(encoder).channels.values())
 
 
-def find_imagenet_checkpoint(encoder: str) -> Path:
-    """Locate the torchvision ImageNet checkpoint of ``encoder`` in the torch hub cache
-    (:meth:`Encoder.find_imagenet_checkpoint <xsight_keras.models.encoders.base.Encoder.find_imagenet_checkpoint>`)."""
-    return get_encoder(encoder).find_imagenet_checkpoint()
+def find_imagenet_checkpoint(encoder: str, download: bool = False) -> Path:
+    """Locate the torchvision ImageNet checkpoint of ``encoder`` in the torch hub cache;
+    ``download=True`` fetches it there once when absent (:meth:`Encoder.find_imagenet_checkpoint <xsight_keras.models.encoders.base.Encoder.find_imagenet_checkpoint>`)."""
+    return get_encoder(encoder).find_imagenet_checkpoint(download)
 
 
 def load_encoder_weights(model, weights: str | os.PathLike, encoder: str = "resnet34",
