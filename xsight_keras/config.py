@@ -123,13 +123,20 @@ FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
 
 
 def _coerce(name: str, value):
-    """Convert YAML/CLI values to the field's type (tuples from lists or comma strings)."""
+    """Convert YAML/CLI values to the field's type (tuples from lists or comma strings).
+
+    For a field that may be ``None`` (``encoder_weights``, ``size_schedule``, ``val_size`` …)
+    the words ``none`` and ``null`` in any case are ``None`` too: ``--encoder_weights none`` is
+    random initialisation, not a file called ``none``.
+    """
     if name == "preprocess":
         if not isinstance(value, (dict, PreprocessConfig)):
             raise ValueError(f"expected a mapping of preprocessing settings, got {value!r}")
         return preprocess_from_settings({"preprocess": value})
     default = getattr(RunConfig(), name)
     kind = FIELD_TYPES[name]
+    if isinstance(value, str) and "None" in str(kind) and value.strip().lower() in ("none", "null"):
+        return None
     if value is None:
         return None
     if isinstance(default, tuple) or "tuple" in str(kind):
@@ -145,8 +152,8 @@ def _coerce(name: str, value):
                 return False
             raise ValueError(f"{name}: expected true/false, got {value!r}")
         return bool(value)
-    if isinstance(default, int) and not isinstance(default, bool) and "float" not in str(kind):
-        return int(value)
+    if (isinstance(default, int) or str(kind) == "int | None") and "float" not in str(kind):
+        return int(value)  # also the optional ones (val_size "128" was left a string)
     if isinstance(default, float) or "float" in str(kind):
         return float(value)
     return value
