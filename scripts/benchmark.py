@@ -6,6 +6,7 @@
                                        --data_format channels_first --policy float32]
     python scripts/benchmark.py loader [--tiles 192 --level 2 --size 256 --batch 8]
     python scripts/benchmark.py prepare-memory [--tiles 2656]
+    python scripts/benchmark.py monuseg --src ../shared/data/monuseg-train [--steps 600 --epochs 10]
 
 ``model``: training images/s (``train_on_batch`` with the hybrid loss, AdamW; PGU-Net at its
 256 px stage with its multi-scale loss) and, for the Attention U-Net, the same step of the
@@ -19,7 +20,12 @@ the median of ``--repeats`` timings after warm-up, variants timed in turns.
 ``prepare-memory``: writes a fake PanNuke fold of ``--tiles`` tiles in the real float64 layout
 (2656 tiles ≈ 12.5 GB on disk), prepares it in a child process and prints that process' peak
 resident memory (VmHWM, Linux).
-``all``: each of the above in its own process, float32 and (on CUDA) mixed_float16, both data
+``monuseg``: real data: the MoNuSeg images under ``--src`` split by image id (3 validate, the
+rest train), the ``monuseg`` preset trained from random initialisation for ``--steps`` optimizer
+steps, post-processing tuned on the validation images, then per image and in mean: pixel Dice,
+AJI, PQ (DQ, SQ), detection F1, true and predicted nucleus counts, and the training time
+(:mod:`xsight_keras.evaluation.monuseg_benchmark`).
+``all``: each of the above but ``monuseg`` in its own process, float32 and (on CUDA) mixed_float16, both data
 formats for the Attention U-Net; prints one table and the JSON.
 
 A developer tool, not a console command of the package: it needs a clone (the plain-PyTorch
@@ -338,6 +344,19 @@ def print_table(result: dict) -> None:
               f"{m['prepare_s']} s")
 
 
+def bench_monuseg(args) -> int:
+    from xsight_keras.evaluation.monuseg_benchmark import format_report, run_monuseg_benchmark
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+    report = run_monuseg_benchmark(args.src, args.out, args.steps, args.epochs, overrides,
+                                   progress=not args.quiet)
+    report["machine"] = machine()
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the result to this file")
@@ -365,6 +384,13 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", default="fused_adamw", choices=("fused_adamw", "keras_adamw"))
     p.add_argument("--glibc_malloc_defaults", action="store_true",
                    help="leave glibc's malloc as it is (the engine keeps freed memory in the process)")
+    p = sub.add_parser("monuseg")
+    p.add_argument("--src", required=True, help="MoNuSeg images + XML (e.g. ../shared/data/monuseg-train)")
+    p.add_argument("--out", default="benchmarks/monuseg", help="prepared data, run and JSON go here")
+    p.add_argument("--steps", type=int, default=600, help="optimizer steps in all")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="run settings over the preset, e.g. encoder=resnet18 instance_head=true")
     p = sub.add_parser("all")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
@@ -373,6 +399,8 @@ def main(argv=None) -> int:
     for p in sub.choices.values():
         p.add_argument("--quiet", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
+    if args.what == "monuseg":
+        return bench_monuseg(args)
     bench = {"loader": bench_loader, "prepare-memory": bench_prepare_memory, "model": bench_model,
              "all": bench_all}
     result = bench[args.what](args)

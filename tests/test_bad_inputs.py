@@ -55,7 +55,7 @@ def folder_tree(tmp, mask_bytes=None, image_bytes=None, mask=None):
 def bad_xml(tmp):
     (tmp / "src").mkdir()
     cv2.imwrite(str(tmp / "src" / "a.tif"), np.zeros((16, 16, 3), np.uint8))
-    (tmp / "src" / "a.xml").write_text(XML.format(regions=region(5, [(1, 1)])))
+    (tmp / "src" / "a.xml").write_text(XML.format(regions=region(5, [(1, 1), ("x", 2), (3, 3)])))
     return ["monuseg", "--src", str(tmp / "src"), "--out", str(tmp / "out"), "--quiet"]
 
 
@@ -126,12 +126,12 @@ CASES = [
     ("corrupt image bytes", "prepare_data", lambda t: folder_tree(t, image_bytes=b"\x89PNG\r\nbroken"), 2, r"images/a\.png: cannot be decoded"),
     ("empty mask file", "prepare_data", lambda t: folder_tree(t, mask_bytes=b""), 2, r"masks/a\.png: cannot be decoded"),
     ("mask with label indices", "prepare_data", lambda t: folder_tree(t, mask=np.full((16, 16), 2, np.uint8)), 2, r"masks/a\.png: mask values are 0\.\.2"),
-    ("XML with missing vertices", "prepare_data", bad_xml, 2, r"a\.xml: region Id=5 has 1 vertices"),
+    ("XML with a non-numeric vertex", "prepare_data", bad_xml, 2, r"a\.xml: region Id=5 has a vertex without numeric X/Y"),
     ("truncated prepared split", "train", truncated_prepared_split, 2, r"classes\.npy.*truncated"),
     ("batch larger than the dataset", "train", batch_larger_than_data, 2, r"batch size 64 is larger than an epoch of the training split \(4 samples"),
     ("samples_per_epoch 0", "train", lambda t: train_args(t, demo_data(t), "--samples_per_epoch", "0"), 2, r"samples_per_epoch must be positive \(or unset\), got 0"),
     ("negative crops_per_image", "train", lambda t: train_args(t, demo_data(t), "--crops_per_image", "-2"), 2, r"crops_per_image must be positive \(or unset\), got -2"),
-    ("steps and samples disagree", "train", lambda t: train_args(t, demo_data(t), "--steps_per_epoch", "3", "--samples_per_epoch", "5"), 2, r"steps_per_epoch 3 × batch 2 × 1 process\(es\) = 6 samples per epoch, but samples_per_epoch/crops_per_image give 5"),
+    ("steps and samples disagree", "train", lambda t: train_args(t, demo_data(t), "--steps_per_epoch", "3", "--samples_per_epoch", "5"), 2, r"steps_per_epoch 3 × batch 2 × 1 process\(es\) = 6 samples per epoch, but samples_per_epoch is 5"),
     ("output directory not writable", "train", unwritable_output, 2, r"cannot write to the output directory"),
     ("existing run without --overwrite", "train", existing_run, 2, r"already exists.*--overwrite"),
     ("resume with a preset", "train", lambda t: ["--resume", str(t), "--preset", "demo"], 2, r"--resume takes the run's own config\.json; drop --preset/--config"),

@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the split folder; with --val_fraction the dataset root")
     p.add_argument("--val_fraction", type=float, default=0.0,
                    help="hold out this fraction of the images as out/valid (the rest: out/train)")
+    p.add_argument("--val_ids", nargs="+", help="hold out these images (file stems) as out/valid")
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("folders", help="{train,valid,test}/{images,masks} folders, binary masks")
     p.add_argument("--src", required=True)
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
         if args.dataset == "pannuke":
             written = prepare_pannuke(args.src, args.out, args.folds, args.chunk_size, progress)
         elif args.dataset == "monuseg":
-            written = prepare_monuseg(args.src, args.out, progress, args.val_fraction, args.seed)
+            written = prepare_monuseg(args.src, args.out, progress, args.val_fraction, args.seed,
+                                      args.val_ids)
         elif args.dataset == "folders":
             written = prepare_folders(args.src, args.out, args.use_augmented, args.channels, progress)
         else:

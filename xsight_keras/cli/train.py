@@ -29,7 +29,8 @@ FLAGS = {
     "encoder_weights": str, "input_size": int, "size_schedule": str, "aug_schedule": str,
     "loss": str, "lr_schedule": str, "optimizer": str, "steps_per_epoch": int,
     "data_format": str, "overwrite": bool, "jit_compile": bool, "tta_val": bool,
-    "instance_head": bool, "heads": str, "samples_per_epoch": int, "crops_per_image": float, "lr_scaling": str, "cpu_malloc_tuning": bool,
+    "instance_head": bool, "heads": str, "samples_per_epoch": int, "crops_per_image": float,
+    "lr_scaling": str, "cpu_malloc_tuning": bool,
 }
 
 
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             parser.add_argument(f"--{flag}", nargs="?", const="true", default=None, metavar="BOOL")
         else:
-            parser.add_argument(f"--{flag}", type=kind, default=None)
+            # read as text: the configuration converts it (and takes none/null for "unset")
+            parser.add_argument(f"--{flag}", default=None, metavar=kind.__name__.upper())
     return parser
 
 

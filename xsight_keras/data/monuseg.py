@@ -9,6 +9,7 @@ and filled with its own instance id.
 
 from __future__ import annotations
 
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -28,8 +29,10 @@ def read_aperio_polygons(path) -> list[np.ndarray]:
     """Read the nucleus polygons of an Aperio ImageScope XML file.
 
     Returns one float64 (V, 2) array of (x, y) vertices per ``<Region>``, in file order. Raises
-    ``ValueError`` naming the file for malformed XML, a region without vertices or a vertex without
-    numeric X/Y. Regions with fewer than 3 vertices enclose no area and are an error too.
+    ``ValueError`` naming the file for malformed XML or a vertex without numeric X/Y. A region
+    with fewer than 3 vertices encloses no area: it is left out with a warning naming the file
+    and the region ids (the released MoNuSeg 2018 training set has two, in
+    TCGA-50-5931-01Z-00-DX1 and TCGA-E2-A1B5-01Z-00-DX1, each with 2 vertices).
     """
     path = Path(path)
     try:
@@ -39,17 +42,21 @@ def read_aperio_polygons(path) -> list[np.ndarray]:
     except OSError as exc:
         raise FileNotFoundError(f"annotation file cannot be read: {path} ({exc})") from exc
     regions = root.findall(".//Region")
-    polygons = []
+    polygons, degenerate = [], []
     for region in regions:
         rid = region.get("Id", "?")
         vertices = region.findall("./Vertices/Vertex")
         if len(vertices) < 3:
-            raise ValueError(f"{path}: region Id={rid} has {len(vertices)} vertices, needs at least 3")
+            degenerate.append(f"Id={rid} ({len(vertices)} vertices)")
+            continue
         try:
             coords = [(float(v.get("X")), float(v.get("Y"))) for v in vertices]
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: region Id={rid} has a vertex without numeric X/Y") from exc
         polygons.append(np.asarray(coords, dtype=np.float64))
+    if degenerate:
+        warnings.warn(f"{path}: left out {len(degenerate)} region(s) with fewer than 3 vertices, "
+                      f"which enclose no area: {', '.join(degenerate)}", stacklevel=2)
     return polygons
 
 
@@ -100,15 +107,27 @@ def read_monuseg_sample(image_path, xml_path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def prepare_monuseg(src, out_dir, progress: bool = True, val_fraction: float = 0.0,
-                    seed: int = 0) -> list[Path]:
+                    seed: int = 0, val_ids=None) -> list[Path]:
     """Prepare every image/XML pair under ``src`` (full size).
 
-    Without ``val_fraction`` one split is written to ``out_dir``. With it (0 < f < 1), ``out_dir``
-    is the dataset root: a seeded random ``f`` of the images (at least one) goes to
-    ``out_dir/valid`` and the rest to ``out_dir/train`` (MoNuSeg has no official validation set).
-    Returns the split folders written.
+    Without ``val_fraction`` or ``val_ids`` one split is written to ``out_dir``. With either,
+    ``out_dir`` is the dataset root and the images go to ``out_dir/valid`` and ``out_dir/train``
+    (MoNuSeg has no official validation set): ``val_ids`` names the validation images by file
+    stem (each must exist: a ``ValueError`` names the missing ones); ``val_fraction`` (0 < f < 1)
+    holds out a seeded random ``f`` of the images (at least one). Returns the split folders.
     """
     pairs = find_monuseg_pairs(src)
+    if val_ids:
+        wanted = set(val_ids)
+        missing = sorted(wanted - {p.stem for p, _ in pairs})
+        if missing:
+            raise ValueError(f"validation image(s) {missing} are not under {src}")
+        if len(wanted) == len(pairs):
+            raise ValueError(f"val_ids name all {len(pairs)} images under {src}: none left to train")
+        valid = [pair for pair in pairs if pair[0].stem in wanted]
+        train = [pair for pair in pairs if pair[0].stem not in wanted]
+        return [_write_monuseg(train, Path(out_dir) / "train", src, progress),
+                _write_monuseg(valid, Path(out_dir) / "valid", src, progress)]
     if not val_fraction:
         return [_write_monuseg(pairs, Path(out_dir), src, progress)]
     if not 0 < val_fraction < 1 or len(pairs) < 2:

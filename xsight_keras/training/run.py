@@ -17,7 +17,7 @@ from xsight_keras.data import PreparedDataset, SegmentationDataset, make_loader
 from xsight_keras.data.demo import write_demo_dataset
 from xsight_keras.heads import get_head, is_class_map, output_names, primary_class_map
 from xsight_keras.labels import label_names
-from xsight_keras.models import grow
+from xsight_keras.models import get_encoder, grow
 from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
 from xsight_keras.rundir import RunDir
 from xsight_keras.training.callbacks import (
@@ -109,6 +109,18 @@ def resolve_splits(config: RunConfig) -> tuple[PreparedDataset, PreparedDataset]
     return PreparedDataset(train_dir), PreparedDataset(val_dir)
 
 
+def _fetch_encoder_weights(config: RunConfig) -> None:
+    """Make sure the encoder weights a run starts from are there (``imagenet``: found in or
+    downloaded into the torch hub cache; a path: the file exists), so that a missing file stops
+    the run before its folder is created."""
+    if config.model != "attention_unet" or config.encoder_weights is None:
+        return
+    if config.encoder_weights == "imagenet":
+        get_encoder(config.encoder).find_imagenet_checkpoint(download=True)
+    elif not Path(config.encoder_weights).is_file():
+        raise FileNotFoundError(f"encoder weights file not found: {config.encoder_weights}")
+
+
 def build_model(config: RunConfig, stage: int | None = None) -> keras.Model:
     """The model the configuration describes (PGU-Net at ``stage``, default the first)."""
     return MODELS.build(config.model, config, stage)
@@ -153,19 +165,20 @@ def samples_per_epoch(config: RunConfig, num_images: int, batch_size: int,
                       world_size: int = 1) -> int | None:
     """Training samples per epoch: ``steps_per_epoch × batch × processes`` when steps are set,
     else ``samples_per_epoch``, else ``ceil(crops_per_image × images)``; ``None``: one sample
-    per image. Raises ``ValueError`` when steps and samples are both set and disagree."""
-    per_step = batch_size * world_size
-    chosen = config.samples_per_epoch
-    if chosen is None and config.crops_per_image:
-        chosen = math.ceil(config.crops_per_image * num_images)
+    per image. Raises ``ValueError`` when ``steps_per_epoch`` and ``samples_per_epoch`` are both
+    set and disagree; ``crops_per_image`` (a preset's density) yields to ``steps_per_epoch``."""
     if config.steps_per_epoch:
-        wanted = config.steps_per_epoch * per_step
-        if chosen is not None and chosen != wanted:
+        wanted = config.steps_per_epoch * batch_size * world_size
+        if config.samples_per_epoch is not None and config.samples_per_epoch != wanted:
             raise ValueError(f"steps_per_epoch {config.steps_per_epoch} × batch {batch_size} × "
                              f"{world_size} process(es) = {wanted} samples per epoch, but "
-                             f"samples_per_epoch/crops_per_image give {chosen}: set one of them")
+                             f"samples_per_epoch is {config.samples_per_epoch}: set one of them")
         return wanted
-    return chosen
+    if config.samples_per_epoch is not None:
+        return config.samples_per_epoch
+    if config.crops_per_image:
+        return math.ceil(config.crops_per_image * num_images)
+    return None
 
 
 def _datasets(config, train_split, val_split, model, size=None, batch_size=None, world_size=1):
@@ -367,6 +380,8 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
     ctx = init_distributed()  # a single process unless started by torchrun
     if ctx.is_primary:  # rank 0 creates the demo set (if asked for) while the others wait
         splits = resolve_splits(config)
+        if not resume:  # download or find them before the run folder exists
+            _fetch_encoder_weights(config)
     ctx.barrier()
     train_split, val_split = splits if ctx.is_primary else resolve_splits(config)
     class_names = _class_names(config, train_split)
