@@ -68,6 +68,7 @@ class RunConfig:
     instance_head: bool = False  # second output (distance + contour) to separate touching nuclei
     heads: tuple[str, ...] = ()  # further outputs by declared head name (xsight_keras.heads)
     instance_loss_weight: float = 1.0
+    hover_loss_weight: float = 1.0  # weight of the hv head's loss (HoverLoss), with heads: hv
     # optimisation
     epochs: int = 50
     batch_size: int = 8  # per process under torchrun: the global batch is batch_size × processes

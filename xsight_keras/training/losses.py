@@ -12,7 +12,7 @@ import numpy as np
 from keras import ops
 
 from xsight_keras._backend import resolve_data_format
-from xsight_keras.heads import INSTANCE, scale_of
+from xsight_keras.heads import HV, INSTANCE, scale_of
 
 _EPS = 1e-6
 
@@ -248,3 +248,45 @@ class InstanceLoss(_SegmentationLoss):
     def get_config(self):
         return {**super().get_config(), "distance_weight": self.distance_weight,
                 "contour_weight": self.contour_weight}
+
+
+# Sobel derivative along x (width) of a 3×3 window, cross-correlation as in keras.ops.conv; the
+# derivative along y is its transpose. A ramp of slope 1 per pixel gives 8.
+_SOBEL_X = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float32)
+
+
+@keras.saving.register_keras_serializable(package="xsight_keras")
+class HoverLoss(_SegmentationLoss):
+    """Loss of HoVer-Net's horizontal/vertical maps (:class:`xsight_keras.heads.HoverHead`):
+    ``mse_weight`` · MSE of the maps over all pixels + ``gradient_weight`` · MSE of their Sobel
+    derivatives (3×3; the horizontal map along x, the vertical one along y) on nucleus pixels.
+
+    ``y_true``/``y_pred``: (B, H, W, 2) or (B, 2, H, W) per ``data_format``, channel 0
+    horizontal, 1 vertical, targets in [−1, 1] and 0 outside nuclei. Nucleus pixels are those
+    where the target is non-zero in either channel: every nucleus pixel except at most one at a
+    nucleus' exact centre of mass (:func:`xsight_keras.heads.hover_maps`), so no mask has to
+    travel beside the target. The gradient term is what makes the maps fall sharply between
+    touching nuclei, where post-processing looks for the boundaries.
+    """
+
+    def __init__(self, mse_weight=1.0, gradient_weight=1.0, data_format=None, name=HV, **kwargs):
+        super().__init__(data_format=data_format, name=name, **kwargs)
+        self.mse_weight, self.gradient_weight = float(mse_weight), float(gradient_weight)
+
+    def call(self, y_true, y_pred):
+        y_true, y_pred = self._prepare(y_true, y_pred)
+        axis, _ = _axes(self.data_format)
+        error = y_pred - y_true
+        mse = ops.mean(ops.square(error))
+        # the derivatives are linear: Sobel(pred) − Sobel(true) = Sobel(pred − true)
+        kernel = ops.convert_to_tensor(np.stack([_SOBEL_X, _SOBEL_X.T], -1)[..., None])
+        gradient_error = ops.depthwise_conv(error, kernel, strides=1, padding="same",
+                                            data_format=self.data_format)
+        nucleus = ops.cast(ops.any(ops.not_equal(y_true, 0.0), axis=axis, keepdims=True), "float32")
+        channels = ops.cast(ops.shape(y_true)[axis], "float32")
+        msge = ops.sum(nucleus * ops.square(gradient_error)) / (channels * ops.sum(nucleus) + _EPS)
+        return self.mse_weight * mse + self.gradient_weight * msge
+
+    def get_config(self):
+        return {**super().get_config(), "mse_weight": self.mse_weight,
+                "gradient_weight": self.gradient_weight}

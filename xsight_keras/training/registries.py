@@ -22,6 +22,7 @@ from xsight_keras.registry import Registry
 from xsight_keras.training.losses import (
     BCEDiceLoss,
     FocalLoss,
+    HoverLoss,
     HybridLoss,
     InstanceLoss,
     SoftDiceLoss,
@@ -68,6 +69,7 @@ LOSSES.register("ce", lambda c, w: keras.losses.CategoricalCrossentropy(axis=_ax
 LOSSES.register("bce_dice", lambda c, w: BCEDiceLoss(data_format=c.data_format))
 
 HEAD_LOSSES.register("distance_contour", lambda data_format: InstanceLoss(data_format=data_format))
+HEAD_LOSSES.register("hover", lambda data_format: HoverLoss(data_format=data_format))
 
 SCHEDULES.register("onecycle", lambda c, peak, total, steps: OneCycle(peak, total))
 SCHEDULES.register("warmup_cosine", lambda c, peak, total, steps: WarmupCosine(
