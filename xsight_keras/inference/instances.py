@@ -21,7 +21,14 @@ from xsight_keras.labels import CLASS_COLOURS, instance_classes, relabel_sequent
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    """Watershed settings (tune them on the validation split: ``scripts/tune_postprocessing.py``)."""
+    """Watershed settings (tune them on the validation split: ``scripts/tune_postprocessing.py``).
+
+    ``dist_threshold``: a marker's least normalised distance (instance head; the distance
+    transform without a head). ``contour_threshold``: a marker's most boundary evidence, the
+    instance head's contour probability or the hv head's gradient energy
+    (:meth:`xsight_keras.heads.HoverHead.markers`). ``min_marker_size``, ``min_size``: markers
+    and nuclei with fewer pixels are dropped.
+    """
 
     dist_threshold: float = 0.6
     contour_threshold: float = 0.5

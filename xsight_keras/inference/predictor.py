@@ -12,6 +12,7 @@ from xsight_keras.heads import (
     INSTANCE,
     SEMANTIC,
     as_output_dict,
+    get_head,
     is_class_map,
     output_names,
     primary_class_map,
@@ -65,6 +66,16 @@ def predict_maps(model: keras.Model, x: np.ndarray) -> dict[str, np.ndarray]:
 def class_probabilities(model: keras.Model, x: np.ndarray) -> np.ndarray:
     """float32 (N, H, W, K) class probabilities of a batch ``x`` in the model's layout."""
     return predict_maps(model, x)[SEMANTIC]
+
+
+def _restore_channels(head, maps: np.ndarray, k: int) -> np.ndarray:
+    """``maps`` (…, C) of ``head``, already moved back from TTA symmetry ``k``, with their
+    channels restored (:meth:`~xsight_keras.heads.Head.channel_transform`)."""
+    change = head.channel_transform(k)
+    if change is None:
+        return maps
+    index, sign = change
+    return maps[..., list(index)] * np.asarray(sign, maps.dtype)
 
 
 def blending_window(size: int, ramp: int, sides=(True, True, True, True)) -> np.ndarray:
@@ -148,16 +159,18 @@ class Predictor:
 
         The transformed copies of all tiles go through the model together, ``batch_size`` at a
         time (one forward pass for 8-fold TTA of one tile instead of eight: each pass has a
-        fixed cost, large on a GPU). Every map is transformed back the same way, which suits
-        maps that are invariant to flips and rotations (probabilities, distances, contours)."""
+        fixed cost, large on a GPU). Every map is moved back in space the same way; a head whose
+        channels change under the symmetry (a direction field, such as the hv head's) then has
+        them restored as its :meth:`~xsight_keras.heads.Head.channel_transform` says."""
         n = len(tiles)
         views = np.concatenate([apply_transform(tiles, k) for k in self.transforms])
         parts = [self._model_outputs(views[i:i + self.batch_size])
                  for i in range(0, len(views), self.batch_size)]
         result = {}
         for name in parts[0]:
+            head = get_head(name)
             outputs = np.concatenate([p[name] for p in parts])
-            total = sum(invert_transform(outputs[j * n:(j + 1) * n], k)
+            total = sum(_restore_channels(head, invert_transform(outputs[j * n:(j + 1) * n], k), k)
                         for j, k in enumerate(self.transforms))
             result[name] = total / len(self.transforms)
         return result
