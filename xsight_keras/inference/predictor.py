@@ -6,7 +6,6 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from xsight_keras.compat import all_layers
 from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
 from xsight_keras.heads import (
     INSTANCE,
@@ -18,16 +17,8 @@ from xsight_keras.heads import (
     primary_class_map,
 )
 from xsight_keras.inference.tta import apply_transform, invert_transform, parse_transforms
+from xsight_keras.models.base import model_data_format
 from xsight_keras.rundir import RunDir, load_model_file
-
-
-def model_data_format(model: keras.Model) -> str:
-    """The image data format a model was built with (read from its first layer that has one)."""
-    for layer in all_layers(model, include_self=False):
-        fmt = getattr(layer, "data_format", None)
-        if fmt in ("channels_first", "channels_last"):
-            return fmt
-    return keras.config.image_data_format()
 
 
 def predict_batch(model: keras.Model, x: np.ndarray):

@@ -93,6 +93,20 @@ def clone_architecture(model: keras.Model) -> keras.Model:
     return keras.models.clone_model(model)
 
 
+def model_data_format(model: keras.Model) -> str:
+    """The image data format a model was built with: its recorded one for a
+    :class:`SegmentationModel`, else that of its first layer that has one."""
+    if isinstance(model, SegmentationModel):
+        return model.data_format
+    from xsight_keras.compat import all_layers
+
+    for layer in all_layers(model, include_self=False):
+        fmt = getattr(layer, "data_format", None)
+        if fmt in ("channels_first", "channels_last"):
+            return fmt
+    return keras.config.image_data_format()
+
+
 def describe_model(model: keras.Model) -> dict:
     """What a model is: ``{"family", "data_format", "heads", ...its builder arguments}``.
 
@@ -111,13 +125,9 @@ def describe_model(model: keras.Model) -> dict:
                 "outputs": output_names(model)}
     except ValueError:
         pass
-    data_format = keras.config.image_data_format()
-    for layer in model.layers:
-        if getattr(layer, "data_format", None) in ("channels_first", "channels_last"):
-            data_format = layer.data_format
-            break
-    return {"family": "unknown", "data_format": data_format, "outputs": output_names(model)}
+    return {"family": "unknown", "data_format": model_data_format(model),
+            "outputs": output_names(model)}
 
 
-__all__ = ["SegmentationModel", "building", "clone_architecture", "default_data_format", "describe_model",
+__all__ = ["SegmentationModel", "building", "clone_architecture", "model_data_format", "default_data_format", "describe_model",
            "resolve_data_format"]

@@ -113,12 +113,8 @@ def _fetch_encoder_weights(config: RunConfig) -> None:
     """Make sure the encoder weights a run starts from are there (``imagenet``: found in or
     downloaded into the torch hub cache; a path: the file exists), so that a missing file stops
     the run before its folder is created."""
-    if config.model != "attention_unet" or config.encoder_weights is None:
-        return
-    if config.encoder_weights == "imagenet":
-        get_encoder(config.encoder).find_imagenet_checkpoint(download=True)
-    elif not Path(config.encoder_weights).is_file():
-        raise FileNotFoundError(f"encoder weights file not found: {config.encoder_weights}")
+    if config.model == "attention_unet" and config.encoder_weights is not None:
+        get_encoder(config.encoder).weights_file(config.encoder_weights)
 
 
 def build_model(config: RunConfig, stage: int | None = None) -> keras.Model:

@@ -231,6 +231,17 @@ class Encoder:
             values.append(take("bias"))
         return values
 
+    def weights_file(self, weights: str | os.PathLike) -> Path:
+        """The checkpoint file ``weights`` names: ``"imagenet"`` is found in (or downloaded once
+        into) the torch hub cache (:meth:`find_imagenet_checkpoint`), anything else is a path
+        that must exist (``FileNotFoundError`` naming it)."""
+        if str(weights) == "imagenet":
+            return self.find_imagenet_checkpoint(download=True)
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"encoder weights file not found: {path}")
+        return path
+
     def load_weights(
         self,
         model: keras.Model,
@@ -246,10 +257,7 @@ class Encoder:
         Returns the names of the layers filled; raises ``ValueError`` naming the file when a
         tensor is missing, extra or of the wrong shape.
         """
-        if str(weights) == "imagenet":
-            path = self.find_imagenet_checkpoint(download=True)
-        else:
-            path = Path(weights)
+        path = self.weights_file(weights)
         state = read_state_dict(path)
         used: set[str] = set()
         filled = []
