@@ -36,6 +36,7 @@ def attention_unet(
     name: str | None = None,
     instance_head: bool = False,
     heads: tuple[str, ...] = (),
+    head_branch_stages: int = 0,
     data_format: str | None = None,
 ) -> AttentionUNet:
     """Build an Attention U-Net on the encoder ``encoder`` (any name in ``available_encoders()``).
@@ -56,6 +57,9 @@ def attention_unet(
     name (:mod:`xsight_keras.heads`): the class map above and the instance head's (B, H, W, 2)
     float32 maps in [0, 1] (normalised distance, contour) that separate touching nuclei;
     ``heads`` adds further declared heads by name.
+    ``head_branch_stages`` (0–5): how many of the last decoder stages each extra head gets a copy
+    of (layers prefixed ``{head}_``, e.g. ``hv_dec5_block1``), as HoVer-Net gives each output its
+    own decoder branch; 0 shares the whole decoder (the heads read the last stage's features).
     ``data_format``: ``channels_first``/``channels_last``; ``None`` is the backend's fast layout
     (:func:`xsight_keras.models.base.default_data_format`). The model is an
     :class:`AttentionUNet` and keeps these arguments (``model.arguments``, ``get_config()``).
@@ -63,7 +67,8 @@ def attention_unet(
     model = AttentionUNet(num_classes=num_classes, encoder=encoder, decoder_filters=decoder_filters,
                           dropout=dropout, activation=activation, input_channels=input_channels,
                           input_size=input_size, instance_head=instance_head, heads=heads,
-                          data_format=data_format, name=name)
+                          head_branch_stages=head_branch_stages, data_format=data_format,
+                          name=name)
     if encoder_weights is not None:
         get_encoder(encoder).load_weights(model, encoder_weights)
     return model
@@ -78,38 +83,50 @@ class AttentionUNet(SegmentationModel):
     ARGUMENTS = {"num_classes": 6, "encoder": "resnet34",
                  "decoder_filters": (256, 128, 64, 32, 16), "dropout": 0.0,
                  "activation": "softmax", "input_channels": 3, "input_size": None,
-                 "instance_head": False, "heads": ()}
+                 "instance_head": False, "heads": (), "head_branch_stages": 0}
 
     def _default_name(self, encoder, **arguments) -> str:
         return f"attention_unet_{encoder}"
 
     def _graph(self, num_classes, encoder, decoder_filters, dropout, activation, input_channels,
-               input_size, instance_head, heads):
+               input_size, instance_head, heads, head_branch_stages):
         if len(decoder_filters) != 5:
             raise ValueError(f"decoder_filters needs 5 entries (one per stride), got {decoder_filters}")
         if input_channels not in (1, 3):
             raise ValueError(f"input_channels must be 1 or 3, got {input_channels}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0 <= head_branch_stages <= 5:
+            raise ValueError(f"head_branch_stages must be in [0, 5], got {head_branch_stages}")
         inputs = image_input(input_channels, input_size)
         x = SpatialSizeCheck(SIZE_MULTIPLE, name="size_check")(inputs)
         backbone = get_encoder(encoder)
         features = backbone.features(x)  # {stride: tensor}, always stride 32
         skips = [features.get(s) for s in (16, 8, 4, 2)] + [None]  # none at full resolution
         skip_channels = [backbone.channels.get(s) for s in (16, 8, 4, 2)] + [None]
-        d = features[32]
-        for i, (filters, skip, channels) in enumerate(zip(decoder_filters, skips, skip_channels), 1):
-            d = FusedUpSampling2D(2, interpolation="nearest", name=f"dec{i}_up")(d)
-            if skip is not None:
-                gated = attention_gate(skip, d, max(channels // 2, 8), name=f"dec{i}_att")
-                d = layers.Concatenate(axis=channel_axis(), name=f"dec{i}_concat")([d, gated])
-            d = conv_bn_relu(d, filters, f"dec{i}_block1")
-            d = conv_bn_relu(d, filters, f"dec{i}_block2")
-            if dropout:
-                d = layers.Dropout(dropout, name=f"dec{i}_dropout")(d)
+        stages = list(enumerate(zip(decoder_filters, skips, skip_channels), 1))
+        shared = 5 - head_branch_stages
+
+        def decode(d, selected, prefix=""):
+            for i, (filters, skip, channels) in selected:
+                d = FusedUpSampling2D(2, interpolation="nearest", name=f"{prefix}dec{i}_up")(d)
+                if skip is not None:
+                    gated = attention_gate(skip, d, max(channels // 2, 8), name=f"{prefix}dec{i}_att")
+                    d = layers.Concatenate(axis=channel_axis(), name=f"{prefix}dec{i}_concat")([d, gated])
+                d = conv_bn_relu(d, filters, f"{prefix}dec{i}_block1")
+                d = conv_bn_relu(d, filters, f"{prefix}dec{i}_block2")
+                if dropout:
+                    d = layers.Dropout(dropout, name=f"{prefix}dec{i}_dropout")(d)
+            return d
+
+        trunk = decode(features[32], stages[:shared])
+        d = decode(trunk, stages[shared:])
         logits = TorchOrderConv2D(num_classes, 1, name="head_conv")(d)
         outputs = output_activation(activation, name="probabilities")(logits)
         extra = extra_heads(instance_head, heads)
         if extra:
-            outputs = {SEMANTIC: outputs, **{h.name: h.build(d, decoder_filters[-1]) for h in extra}}
+            branches = {h.name: decode(trunk, stages[shared:], f"{h.name}_") if head_branch_stages
+                        else d for h in extra}
+            outputs = {SEMANTIC: outputs,
+                       **{h.name: h.build(branches[h.name], decoder_filters[-1]) for h in extra}}
         return inputs, outputs

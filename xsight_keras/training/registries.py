@@ -43,6 +43,7 @@ def _attention_unet(config, stage=None):
     return attention_unet(config.num_classes, config.encoder, config.encoder_weights,
                           config.decoder_filters, config.dropout, activation, config.in_channels,
                           instance_head=config.instance_head, heads=config.heads,
+                          head_branch_stages=config.head_branch_stages,
                           data_format=config.data_format)
 
 
