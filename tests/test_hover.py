@@ -212,3 +212,27 @@ def test_attention_unet_with_the_hv_head_trains_a_step_and_saves(tmp_path):
     assert loaded.get_layer(HV).get_config()["activation"] == "linear"
     pgu = progressive_unet(2, 3, 2, base_filters=8, heads=(HV,))  # the other family takes it too
     assert HV in output_names(pgu) and pgu.output[HV].shape[1:] == (None, None, 2)
+
+
+def test_tuning_an_hv_model_searches_the_energy_threshold_not_the_unused_distance():
+    from types import SimpleNamespace
+
+    from xsight_keras.evaluation.tuning import GRID, tune_postprocessing
+
+    pair = discs((48, 64), (24, 22, 10), (24, 40, 10))
+
+    class Maps:  # a predictor that returns perfect maps
+        def predict_maps(self, image):
+            return {SEMANTIC: probabilities(pair), HV: hover_maps(pair)}
+
+    sample = SimpleNamespace(image=np.zeros((48, 64, 3), np.uint8), instances=pair,
+                             classes=(pair > 0).astype(np.uint8), name="pair")
+    dataset = type("OneImage", (), {"num_classes": 2, "tissues": None,
+                                     "__len__": lambda self: 1,
+                                     "__getitem__": lambda self, i: sample})()
+    result = tune_postprocessing(Maps(), dataset, progress=False)
+    contour = get_head(HV).tuning_grid["contour_threshold"]
+    assert 0.4 in contour  # HoVer-Net's own threshold on the energy
+    assert len(result["trials"]) == len(contour) * len(GRID["min_size"])
+    assert {t["dist_threshold"] for t in result["trials"]} == {PostprocessConfig().dist_threshold}
+    assert result["metric"] == "bpq" and result["score"] > 0.99  # both discs found whole

@@ -57,6 +57,10 @@ class Head:
     loss: str | None = None
     loss_weight_setting: str | None = None
     needs_instances = True  # whether its target is computed from the instance map
+    #: The post-processing settings (:class:`~xsight_keras.inference.instances.PostprocessConfig`
+    #: fields) that :meth:`markers` reads, with the values tuning tries; empty for a head that
+    #: takes no part in separating nuclei.
+    tuning_grid: dict[str, tuple] = {}
 
     def activation(self, num_classes: int) -> str:
         return "sigmoid"
@@ -112,6 +116,7 @@ class InstanceHead(Head):
     channels = 2
     loss = "distance_contour"
     loss_weight_setting = "instance_loss_weight"
+    tuning_grid = {"dist_threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "contour_threshold": (0.3, 0.5, 0.7)}
 
     def target(self, instances: np.ndarray) -> np.ndarray:
         """float32 (H, W, 2) from an instance map (H, W): the normalised distance (touching
@@ -234,6 +239,7 @@ class HoverHead(Head):
     channels = 2
     loss = "hover"
     loss_weight_setting = "hover_loss_weight"
+    tuning_grid = {"contour_threshold": (0.3, 0.35, 0.4, 0.45, 0.5, 0.6)}  # the energy only
     sobel_size = 21  # HoVer-Net's Sobel kernel for the energy: a binomial smoothing, σ ≈ 2.2 px
 
     def activation(self, num_classes: int) -> str:
@@ -336,6 +342,15 @@ def extra_heads(instance_head: bool = False, names=()) -> list[Head]:
             raise ValueError(f"{name!r} is a class map, not an extra head")
         heads.append(head)
     return heads
+
+
+def separating_head(names) -> Head | None:
+    """The head among output ``names`` whose markers separate nuclei (the first with a
+    :attr:`Head.tuning_grid`, as post-processing takes the first that gives markers); ``None``."""
+    for name in names:
+        if not is_class_map(name) and get_head(name).tuning_grid:
+            return get_head(name)
+    return None
 
 
 def output_names(model_or_outputs) -> list[str]:

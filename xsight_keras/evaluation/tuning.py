@@ -9,20 +9,25 @@ from tqdm import tqdm
 
 from xsight_keras.data.prepared import PreparedDataset
 from xsight_keras.evaluation.instance_metrics import dataset_scores, image_scores
+from xsight_keras.heads import separating_head
 from xsight_keras.inference.predictor import Predictor
 from xsight_keras.inference.scoring import predict_sample
 from xsight_keras.rundir import RunDir
 
-GRID = {
-    "dist_threshold": (0.3, 0.4, 0.5, 0.6, 0.7),
-    "contour_threshold": (0.3, 0.5, 0.7),
-    "min_size": (5, 10, 20),
-}
+#: Tried whatever the model: the least nucleus size in pixels.
+GRID = {"min_size": (5, 10, 20)}
+#: Tried for a model without a nucleus-separating head (markers from the distance transform);
+#: with one, its :attr:`~xsight_keras.heads.Head.tuning_grid` is tried instead.
+GRID_WITHOUT_HEAD = {"dist_threshold": (0.3, 0.4, 0.5, 0.6, 0.7)}
 
 
 def tune_postprocessing(predictor: Predictor, dataset: PreparedDataset, limit: int | None = None,
                         metric: str | None = None, progress: bool = True) -> dict:
     """Grid-search :class:`PostprocessConfig` on ``dataset``; predictions are made once.
+
+    The grid: :data:`GRID` and the settings the model's nucleus-separating head reads
+    (:attr:`xsight_keras.heads.Head.tuning_grid`), or :data:`GRID_WITHOUT_HEAD`; settings outside
+    the grid keep their defaults.
 
     ``metric``: ``"mpq"`` or ``"bpq"`` (default: mPQ with several nucleus classes, else bPQ).
     Returns ``{"best": settings, "score": value, "metric": name, "trials": [...]}``.
@@ -38,9 +43,8 @@ def tune_postprocessing(predictor: Predictor, dataset: PreparedDataset, limit: i
     k = cached[0][4]
     metric = metric or ("mpq" if k > 2 else "bpq")
     names = ["background"] + [f"class_{c}" for c in range(1, k)]
-    grid = dict(GRID)
-    if cached[0][3] is None:
-        grid["contour_threshold"] = (0.5,)  # only used with an instance head
+    head = separating_head(cached[0][3] or ())
+    grid = {**(head.tuning_grid if head else GRID_WITHOUT_HEAD), **GRID}
     trials = []
     for values in tqdm(list(itertools.product(*grid.values())), desc="tuning", disable=not progress):
         config = PostprocessConfig(**dict(zip(grid, values)))
