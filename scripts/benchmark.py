@@ -349,7 +349,7 @@ def bench_monuseg(args) -> int:
 
     overrides = dict(item.split("=", 1) for item in args.set)
     report = run_monuseg_benchmark(args.src, args.out, args.steps, args.epochs, overrides,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, curve=args.curve)
     report["machine"] = machine()
     print(format_report(report))
     if args.json:
@@ -391,6 +391,9 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="run settings over the preset, e.g. encoder=resnet18 instance_head=true")
+    p.add_argument("--curve", type=int, default=0, metavar="N",
+                   help="also score the model of every N-th epoch: Dice, AJI and PQ against "
+                        "optimizer steps (0: no curve)")
     p = sub.add_parser("all")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)

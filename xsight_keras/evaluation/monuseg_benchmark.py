@@ -49,12 +49,13 @@ def score_image(true_instances: np.ndarray, pred_instances: np.ndarray) -> dict:
             "predicted_nuclei": int(len(np.unique(pred_instances)) - (0 in pred_instances))}
 
 
-def score_run(run_dir, split: str = "valid", tta=None) -> dict:
-    """Score each image of a run's ``split`` whole with its best checkpoint and tuned
-    post-processing: ``{"images": {name: scores}, "mean": scores}`` (see :func:`score_image`)."""
+def score_run(run_dir, split: str = "valid", tta=None, model_path=None) -> dict:
+    """Score each image of a run's ``split`` whole with its best checkpoint (or ``model_path``)
+    and tuned post-processing: ``{"images": {name: scores}, "mean": scores}`` (see
+    :func:`score_image`)."""
     run = RunDir.open(run_dir)
     _, dataset = run.split(split)
-    predictor = Predictor.from_run(run.path, tta=tta)
+    predictor = Predictor.from_run(run.path, model_path, tta=tta)
     postprocess = load_postprocess(run.path)
     images = {}
     for i in range(len(dataset)):
@@ -68,7 +69,7 @@ def score_run(run_dir, split: str = "valid", tta=None) -> dict:
 
 
 def run_monuseg_benchmark(src, out, steps: int = 600, epochs: int = 10, overrides=None,
-                          progress: bool = True) -> dict:
+                          progress: bool = True, curve: int = 0) -> dict:
     """Prepare ``src`` (split by :data:`VAL_IDS`) under ``out/data``, train the ``monuseg``
     preset from random initialisation for ``steps`` optimizer steps (``epochs`` epochs of
     ``ceil(steps / epochs)`` steps: validation, checkpoints and the schedule run per epoch), tune
@@ -84,7 +85,8 @@ def run_monuseg_benchmark(src, out, steps: int = 600, epochs: int = 10, override
     settings = {"data_root": str(data), "output_dir": str(out / "runs"),
                 "experiment_name": "monuseg_benchmark", "overwrite": True,
                 "encoder_weights": None, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-                "early_stopping_patience": None, **(overrides or {})}
+                "early_stopping_patience": None, "save_every_epochs": curve or None,
+                **(overrides or {})}
     config = load_config("monuseg", overrides=settings)
     start = time.time()
     result = train(config)
@@ -94,6 +96,12 @@ def run_monuseg_benchmark(src, out, steps: int = 600, epochs: int = 10, override
               "validation_images": list(VAL_IDS), "optimizer_steps": steps_per_epoch * epochs,
               "train_seconds": round(seconds, 1), "postprocess": tuned["best"],
               "run_dir": str(result.run_dir), **score_run(result.run_dir)}
+    if curve:
+        run = RunDir.open(result.run_dir)
+        report["curve"] = [
+            {"epoch": n, "optimizer_steps": n * steps_per_epoch,
+             **score_run(run.path, model_path=run.checkpoint(f"epoch_{n:03d}"))["mean"]}
+            for n in range(1, epochs + 1) if run.checkpoint(f"epoch_{n:03d}").is_file()]
     atomic_write_text(out / "monuseg_benchmark.json", json.dumps(report, indent=2, default=float))
     return report
 
@@ -108,6 +116,12 @@ def format_report(report: dict) -> str:
             f"{s[k]:>10.0f}" if k.endswith("nuclei") else f"{s[k]:>10.3f}" for k in METRICS))
     rows.append(f"{report['optimizer_steps']} optimizer steps in {report['train_seconds']:.0f} s; "
                 f"post-processing {report['postprocess']}")
+    if report.get("curve"):
+        rows.append("mean scores against optimizer steps (each epoch's model, the tuned "
+                    "post-processing):")
+        rows.append(f"{'steps':>8s}" + "".join(f"{k:>8s}" for k in ("Dice", "AJI", "PQ")))
+        rows += [f"{c['optimizer_steps']:>8d}" + "".join(f"{c[k]:>8.3f}" for k in ("dice", "aji", "pq"))
+                 for c in report["curve"]]
     return "\n".join(rows)
 
 

@@ -200,6 +200,28 @@ class BestCheckpoint(keras.callbacks.Callback):
             print(f"epoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
 
 
+class EpochCheckpoint(keras.callbacks.Callback):
+    """Keep the model of every ``every``-th epoch as ``path_for(epoch)`` (1-based epoch), with
+    EMA weights when an EMA callback is given (the weights validation scored), written
+    atomically; non-finite weights are not saved (a warning). For curves of a metric against
+    training steps computed afterwards on whole images."""
+
+    def __init__(self, path_for, every: int = 1, ema=None):
+        super().__init__()
+        self.path_for, self.every, self.ema = path_for, int(every), ema
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every:
+            return
+        path = Path(self.path_for(epoch + 1))
+        context = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
+        with context:
+            try:
+                save_model_atomically(self.model, path)
+            except ValueError as exc:
+                print(f"warning: epoch {epoch + 1}: {exc}; not saved to {path}")
+
+
 class ScheduleLogger(keras.callbacks.Callback):
     """Add the learning rate, training size and augmentation level of each epoch to the logs."""
 
