@@ -162,16 +162,31 @@ def test_readme_user_code_example_runs(demo_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_mixed_precision_policy_follows_the_device():
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_mixed_precision_policy_follows_the_device(monkeypatch, capsys, native_bf16):
     import torch
 
-    from xsight_keras.training.run import select_precision
+    from xsight_keras.training import run
 
+    monkeypatch.setattr(run, "cpu_has_native_bfloat16", lambda: native_bf16)
     config = load_config("demo", overrides={"use_mixed_precision": True})
     cuda = keras.backend.backend() == "torch" and torch.cuda.is_available()
-    expected = "mixed_float16" if cuda else "mixed_bfloat16"
-    assert select_precision(config) == expected  # never float16 on a CPU (emulated, ~75x slower)
-    assert select_precision(load_config("demo")) == "float32"
+    # never float16 on a CPU (emulated, ~75x slower), nor bfloat16 where it is emulated
+    expected = "mixed_float16" if cuda else "mixed_bfloat16" if native_bf16 else "float32"
+    assert run.select_precision(config) == expected
+    if not cuda and not native_bf16:
+        assert "no native bfloat16" in capsys.readouterr().err
+    assert run.select_precision(load_config("demo")) == "float32"
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags():
+    from xsight_keras.training.run import cpu_has_native_bfloat16
+
+    assert not cpu_has_native_bfloat16("processor : 0\nflags : fpu sse2 avx2 avx512f\n")
+    assert cpu_has_native_bfloat16("processor : 0\nflags : fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_has_native_bfloat16("processor : 0\nflags : fpu amx_bf16 amx_tile\n")
+    assert cpu_has_native_bfloat16("processor : 0\nFeatures : fp asimd sve bf16 i8mm\n")
+    assert not cpu_has_native_bfloat16("")
 
 
 def test_train_leaves_keras_global_settings_as_it_found_them(demo_data, tmp_path):
