@@ -20,6 +20,13 @@ def test_none_and_null_are_none_for_optional_settings(word):
     assert config.grad_clip_val is None and config.early_stopping_patience is None
 
 
+def test_none_takes_off_the_heads_a_preset_declares():
+    assert load_config("monuseg").heads == ("hv",)
+    assert load_config("monuseg", overrides={"heads": "none"}).heads == ()
+    assert load_config("monuseg", overrides={"heads": "null"}).heads == ()
+    assert load_config("demo", overrides={"heads": "hv"}).heads == ("hv",)
+
+
 def test_other_values_are_kept(tmp_path):
     path = str(tmp_path / "none.pth")
     assert load_config("demo", overrides={"encoder_weights": path}).encoder_weights == path

@@ -69,6 +69,7 @@ class RunConfig:
     heads: tuple[str, ...] = ()  # further outputs by declared head name (xsight_keras.heads)
     instance_loss_weight: float = 1.0
     hover_loss_weight: float = 1.0  # weight of the hv head's loss (HoverLoss), with heads: hv
+    head_branch_stages: int = 0  # attention_unet: last decoder stages copied per extra head (0-5)
     # optimisation
     epochs: int = 50
     batch_size: int = 8  # per process under torchrun: the global batch is batch_size × processes
@@ -108,6 +109,7 @@ class RunConfig:
     scale_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)  # fused, then coarser scales
     # logging
     tensorboard_images: int = 3
+    save_every_epochs: int | None = None  # also keep epoch_NNN.keras every N epochs (EMA weights)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -128,7 +130,8 @@ def _coerce(name: str, value):
 
     For a field that may be ``None`` (``encoder_weights``, ``size_schedule``, ``val_size`` …)
     the words ``none`` and ``null`` in any case are ``None`` too: ``--encoder_weights none`` is
-    random initialisation, not a file called ``none``.
+    random initialisation, not a file called ``none``. For a list setting (``heads`` …) they
+    are the empty list: ``--heads none`` takes off the heads a preset declares.
     """
     if name == "preprocess":
         if not isinstance(value, (dict, PreprocessConfig)):
@@ -142,6 +145,8 @@ def _coerce(name: str, value):
         return None
     if isinstance(default, tuple) or "tuple" in str(kind):
         if isinstance(value, str):
+            if value.strip().lower() in ("none", "null"):
+                return ()
             value = [v for v in value.replace(" ", "").split(",") if v]
         item = float if "float" in str(kind) else str if "str" in str(kind) else int
         return tuple(item(v) for v in value)
@@ -257,7 +262,7 @@ def validate_config(config: RunConfig) -> None:
     if pre.zscore == "dataset" and len(pre.mean) != config.in_channels:
         raise ValueError(f"preprocess: zscore 'dataset' has {len(pre.mean)} channel means for "
                          f"in_channels {config.in_channels}")
-    for key in ("steps_per_epoch", "samples_per_epoch", "crops_per_image"):
+    for key in ("steps_per_epoch", "samples_per_epoch", "crops_per_image", "save_every_epochs"):
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"{key} must be positive (or unset), got {value}")
@@ -265,6 +270,12 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError("epochs and batch_size must be at least 1")
     if config.lr <= 0:
         raise ValueError(f"lr must be positive, got {config.lr}")
+    if config.head_branch_stages:
+        if not 0 < config.head_branch_stages <= 5:
+            raise ValueError(f"head_branch_stages must be in [0, 5], got {config.head_branch_stages}")
+        if config.model != "attention_unet":
+            raise ValueError("head_branch_stages is an attention_unet setting (the PGU-Net's heads "
+                             f"read its finest level), got model {config.model!r}")
     if config.progressive and not config.size_schedule and config.model != "progressive_unet":
         raise ValueError("progressive=True needs size_schedule (e.g. '0:128,10:256')")
     if config.loss == "bce_dice" and config.num_classes != 1:
