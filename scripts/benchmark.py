@@ -348,8 +348,12 @@ def bench_monuseg(args) -> int:
     from xsight_keras.evaluation.monuseg_benchmark import format_report, run_monuseg_benchmark
 
     overrides = dict(item.split("=", 1) for item in args.set)
-    report = run_monuseg_benchmark(args.src, args.out, args.steps, args.epochs, overrides,
-                                   progress=not args.quiet, curve=args.curve)
+    try:
+        report = run_monuseg_benchmark(args.src, args.out, args.steps, args.epochs, overrides,
+                                       progress=not args.quiet, curve=args.curve)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     report["machine"] = machine()
     print(format_report(report))
     if args.json:

@@ -7,6 +7,7 @@ import pytest
 
 from tests.helpers import script_main
 from xsight_keras.config import load_config
+from xsight_keras.heads import HV
 
 
 @pytest.mark.parametrize("word", ["none", "null", "NULL", "None", " Null "])
@@ -20,11 +21,14 @@ def test_none_and_null_are_none_for_optional_settings(word):
     assert config.grad_clip_val is None and config.early_stopping_patience is None
 
 
-def test_none_takes_off_the_heads_a_preset_declares():
-    assert load_config("monuseg").heads == ("hv",)
+def test_none_takes_off_the_heads_a_preset_declares(tmp_path):
+    assert load_config("monuseg").heads == (HV,)
     assert load_config("monuseg", overrides={"heads": "none"}).heads == ()
     assert load_config("monuseg", overrides={"heads": "null"}).heads == ()
-    assert load_config("demo", overrides={"heads": "hv"}).heads == ("hv",)
+    settings = tmp_path / "run.yaml"
+    settings.write_text("heads: null\n")
+    assert load_config("monuseg", config_file=settings).heads == ()
+    assert load_config("demo", overrides={"heads": HV}).heads == (HV,)
 
 
 def test_other_values_are_kept(tmp_path):

@@ -142,7 +142,7 @@ def _coerce(name: str, value):
     if isinstance(value, str) and "None" in str(kind) and value.strip().lower() in ("none", "null"):
         return None
     if value is None:
-        return None
+        return () if isinstance(default, tuple) and "None" not in str(kind) else None
     if isinstance(default, tuple) or "tuple" in str(kind):
         if isinstance(value, str):
             if value.strip().lower() in ("none", "null"):
@@ -270,12 +270,21 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError("epochs and batch_size must be at least 1")
     if config.lr <= 0:
         raise ValueError(f"lr must be positive, got {config.lr}")
+    heads = [h.name for h in extra_heads(config.instance_head, config.heads)]
     if config.head_branch_stages:
         if not 0 < config.head_branch_stages <= 5:
             raise ValueError(f"head_branch_stages must be in [0, 5], got {config.head_branch_stages}")
         if config.model != "attention_unet":
             raise ValueError("head_branch_stages is an attention_unet setting (the PGU-Net's heads "
                              f"read its finest level), got model {config.model!r}")
+        if not heads:
+            raise ValueError("head_branch_stages gives extra heads their own decoder stages, but "
+                             "the model has none (set heads or instance_head)")
+    if config.mixup_alpha > 0 and heads:
+        raise ValueError(f"mixup_alpha {config.mixup_alpha} would blend the per-nucleus targets of "
+                         f"the head(s) {heads} of two images into maps that describe neither: "
+                         "MixUp is for class maps only (set mixup_alpha 0, or heads none and "
+                         "instance_head false)")
     if config.progressive and not config.size_schedule and config.model != "progressive_unet":
         raise ValueError("progressive=True needs size_schedule (e.g. '0:128,10:256')")
     if config.loss == "bce_dice" and config.num_classes != 1:

@@ -381,4 +381,4 @@ def as_output_dict(model_or_outputs, values) -> dict:
 __all__ = ["FUSED", "HEADS", "HV", "INSTANCE", "SEMANTIC", "ClassMapHead", "Head", "HoverHead",
            "InstanceHead", "as_output_dict", "extra_heads", "get_head", "hover_maps",
            "is_class_map", "output_names", "primary_class_map", "register_head", "scale_of",
-           "scale_output"]
+           "scale_output", "separating_head"]

@@ -111,6 +111,10 @@ class RunDir:
         """Path of checkpoint ``name`` (``best``, ``final``, ``swa``), of a PGU-Net ``stage``."""
         return self.path / (f"{name}_stage_{stage}.keras" if stage else f"{name}.keras")
 
+    def epoch_checkpoint(self, epoch: int, stage: int | None = None) -> Path:
+        """Path of the model kept after ``epoch`` (1-based; ``save_every_epochs``)."""
+        return self.checkpoint(f"epoch_{int(epoch):03d}", stage)
+
     def history_csv(self, stage: int | None = None) -> Path:
         return self.path / (f"history_stage_{stage}.csv" if stage else "history.csv")
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from tests.helpers import region, write_pair
 from xsight_keras.evaluation.monuseg_benchmark import METRICS, VAL_IDS, run_monuseg_benchmark
+from xsight_keras.heads import HV
 
 
 def squares(n, size, side=9):
@@ -25,7 +26,7 @@ def test_benchmark_trains_tunes_scores_and_draws_the_curve(tmp_path):
         write_pair(src, stem, squares(4, 80), size=(80, 80))  # smaller than a crop: padded
     overrides = {"encoder": "resnet18", "decoder_filters": "8,8,8,8,8", "input_size": 64,
                  "val_size": 64, "batch_size": 2, "use_mixed_precision": False,
-                 "num_workers": 0, "heads": "hv"}
+                 "num_workers": 0}  # the preset's hv head
     report = run_monuseg_benchmark(src, tmp_path / "out", steps=2, epochs=2,
                                    overrides=overrides, progress=False, curve=1)
     assert sorted(report["images"]) == sorted(VAL_IDS)  # the fixed split: these validate
@@ -39,4 +40,16 @@ def test_benchmark_trains_tunes_scores_and_draws_the_curve(tmp_path):
     saved = json.loads((tmp_path / "out" / "monuseg_benchmark.json").read_text())
     assert saved["curve"] == json.loads(json.dumps(report["curve"], default=float))
     epoch_2 = keras.models.load_model(tmp_path / "out" / "runs" / "monuseg_benchmark" / "epoch_002.keras")
-    assert list(epoch_2.arguments["heads"]) == ["hv"]
+    assert list(epoch_2.arguments["heads"]) == [HV]
+
+
+def test_benchmark_settings_that_would_change_its_step_count_are_refused(tmp_path):
+    import pytest
+
+    from tests.helpers import run_script
+
+    with pytest.raises(ValueError, match=r"\['epochs'\] follow from the benchmark's steps"):
+        run_monuseg_benchmark(tmp_path, tmp_path / "out", overrides={"epochs": 3})
+    proc = run_script("benchmark", "monuseg", "--src", tmp_path, "--steps", 4, "--epochs", 2,
+                      "--curve", 3)
+    assert proc.returncode == 2 and "curve in [0, epochs]" in proc.stderr

@@ -9,7 +9,7 @@ import pytest
 
 from xsight_keras import _backend
 from xsight_keras._backend import default_data_format
-from xsight_keras.heads import FUSED, INSTANCE, SEMANTIC
+from xsight_keras.heads import FUSED, HV, INSTANCE, SEMANTIC
 from xsight_keras.models import (
     AttentionUNet,
     ProgressiveUNet,
@@ -114,26 +114,26 @@ def test_a_model_saved_by_the_code_before_this_contract_loads_predicts_and_grows
 
 def test_separate_head_branches_are_their_own_decoder_and_round_trip(tmp_path):
     model = attention_unet(2, "resnet18", decoder_filters=SMALL_DECODER, instance_head=True,
-                           heads=("hv",), head_branch_stages=2, data_format="channels_last")
+                           heads=(HV,), head_branch_stages=2, data_format="channels_last")
     names = {layer.name for layer in model.layers}
-    for head in (INSTANCE, "hv"):
+    for head in (INSTANCE, HV):
         assert {f"{head}_dec4_block1_conv", f"{head}_dec5_block2_bn"} <= names
         assert f"{head}_dec3_block1_conv" not in names  # stages 1-3 stay shared
     x = np.random.default_rng(0).normal(size=(1, 64, 64, 3)).astype("float32")
     before = model.predict(x, verbose=0)
-    layer = model.get_layer("hv_dec5_block1_conv")
+    layer = model.get_layer(f"{HV}_dec5_block1_conv")
     layer.set_weights([w + 0.5 for w in layer.get_weights()])
     after = model.predict(x, verbose=0)
     np.testing.assert_array_equal(after[SEMANTIC], before[SEMANTIC])  # not on the hv branch
     np.testing.assert_array_equal(after[INSTANCE], before[INSTANCE])
-    assert not np.allclose(after["hv"], before["hv"])
+    assert not np.allclose(after[HV], before[HV])
     model.save(tmp_path / "m.keras")
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert loaded.arguments["head_branch_stages"] == 2
     for name, value in after.items():
         np.testing.assert_allclose(loaded.predict(x, verbose=0)[name], value, atol=1e-6)
     shared = attention_unet(2, "resnet18", decoder_filters=SMALL_DECODER, instance_head=True,
-                            heads=("hv",), data_format="channels_last")
-    assert not any(layer.name.startswith("hv_dec") for layer in shared.layers)
+                            heads=(HV,), data_format="channels_last")
+    assert not any(layer.name.startswith(f"{HV}_dec") for layer in shared.layers)
     with pytest.raises(ValueError, match="head_branch_stages"):
         attention_unet(2, "resnet18", decoder_filters=SMALL_DECODER, head_branch_stages=6)

@@ -7,6 +7,7 @@ import pytest
 from tests.helpers import assert_same_weights, numpy_weights
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
+    EpochCheckpoint,
     ExponentialMovingAverage,
     StochasticWeightAveraging,
     save_model_atomically,
@@ -139,6 +140,26 @@ def test_checkpoint_never_saves_non_finite_weights(tmp_path):
     checkpoint.set_model(model)
     checkpoint.on_epoch_end(0, {"val_score": 0.9})  # improved, but NaN weights: keep the old file
     assert path.read_bytes() == good and checkpoint.best_epoch is None
+
+
+def test_epoch_checkpoints_hold_the_ema_weights_every_nth_epoch(tmp_path):
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    ema = ExponentialMovingAverage(decay=0.9)
+    keep = EpochCheckpoint(lambda n: tmp_path / f"epoch_{n:03d}.keras", every=2, ema=ema)
+    x, y = data()
+    model.fit(x, y, batch_size=8, epochs=4, callbacks=[ema, keep], verbose=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_002.keras", "epoch_004.keras"]
+    saved = keras.models.load_model(tmp_path / "epoch_004.keras")
+    kernel = saved.get_layer("conv").get_weights()[0]
+    shadow = keras.ops.convert_to_numpy(ema.shadow[0])  # conv kernel: the first trainable weight
+    np.testing.assert_allclose(kernel, shadow, rtol=1e-6)
+    assert not np.allclose(kernel, model.get_layer("conv").get_weights()[0])  # not the raw ones
+    model.get_layer("head").set_weights([np.full((1, 1, 4, 1), np.nan, "float32"), np.zeros(1, "float32")])
+    broken = EpochCheckpoint(lambda n: tmp_path / "nan.keras")
+    broken.set_model(model)
+    broken.on_epoch_end(0)  # warns, writes nothing
+    assert not (tmp_path / "nan.keras").exists()
 
 
 def test_an_interrupted_checkpoint_write_leaves_the_previous_file(tmp_path, monkeypatch):

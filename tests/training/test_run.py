@@ -133,6 +133,28 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
         load_config("demo", config_file=bad)
     config = load_config("pannuke", overrides={"epochs": "3", "use_swa": "false", "batch_size": 2})
     assert config.epochs == 3 and config.use_swa is False and config.use_ema is True
+    for overrides, message in (
+            ({"mixup_alpha": 0.2}, r"would blend the per-nucleus targets of the head\(s\) \['hv'\]"),
+            ({"heads": "none", "head_branch_stages": 2}, "the model has none"),
+            ({"head_branch_stages": 6}, r"head_branch_stages must be in \[0, 5\]"),
+            ({"save_every_epochs": 0}, "save_every_epochs must be positive")):
+        with pytest.raises(ValueError, match=message):
+            load_config("monuseg", overrides=overrides)
+    assert load_config("pannuke", overrides={"heads": "none", "mixup_alpha": 0.2}).mixup_alpha == 0.2
+    with pytest.raises(ValueError, match="attention_unet setting"):
+        load_config("papsmear", overrides={"heads": "hv", "head_branch_stages": 1})
+
+
+def test_every_flag_the_readme_lists_is_a_train_flag():
+    import re
+
+    from xsight_keras.cli.train import build_parser
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("Flags: `--epochs")
+    listed = set(re.findall(r"--(\w+)", text[start:text.index("boolean flags", start)]))
+    known = {a.dest for a in build_parser()._actions}
+    assert len(listed) > 40 and listed <= known, sorted(listed - known)
 
 
 def readme_python_block(heading: str) -> str:

@@ -30,7 +30,8 @@ FLAGS = {
     "loss": str, "lr_schedule": str, "optimizer": str, "steps_per_epoch": int,
     "data_format": str, "overwrite": bool, "jit_compile": bool, "tta_val": bool,
     "instance_head": bool, "heads": str, "samples_per_epoch": int, "crops_per_image": float,
-    "lr_scaling": str, "cpu_malloc_tuning": bool,
+    "lr_scaling": str, "cpu_malloc_tuning": bool, "head_branch_stages": int,
+    "instance_loss_weight": float, "hover_loss_weight": float, "save_every_epochs": int,
 }
 
 

@@ -74,9 +74,20 @@ def run_monuseg_benchmark(src, out, steps: int = 600, epochs: int = 10, override
     preset from random initialisation for ``steps`` optimizer steps (``epochs`` epochs of
     ``ceil(steps / epochs)`` steps: validation, checkpoints and the schedule run per epoch), tune
     the post-processing on the validation images and score them. ``overrides``: further run
-    settings (e.g. ``{"encoder": "resnet18", "instance_head": True}``). Writes
+    settings (e.g. ``{"encoder": "resnet18", "head_branch_stages": 2}``; not the ones that set
+    the number of steps). ``curve``: also keep the model of every ``curve``-th epoch (0: none)
+    and score it afterwards with the tuned post-processing (``report["curve"]``: optimizer steps
+    and mean scores per kept epoch; scoring is not counted in the training time). Writes
     ``out/monuseg_benchmark.json``; returns the same dict (settings, training seconds, scores).
+    Raises ``ValueError`` for settings that cannot work, before anything is prepared.
     """
+    if steps < 1 or epochs < 1 or not 0 <= curve <= epochs:
+        raise ValueError(f"steps and epochs must be at least 1 and curve in [0, epochs], got "
+                         f"steps {steps}, epochs {epochs}, curve {curve}")
+    fixed = {"epochs", "steps_per_epoch", "samples_per_epoch", "save_every_epochs"} & set(overrides or {})
+    if fixed:
+        raise ValueError(f"{sorted(fixed)} follow from the benchmark's steps, epochs and curve; "
+                         "set those instead")
     out = Path(out)
     data = out / "data"
     if not ((data / "train" / "meta.json").is_file() and (data / "valid" / "meta.json").is_file()):
@@ -98,10 +109,10 @@ def run_monuseg_benchmark(src, out, steps: int = 600, epochs: int = 10, override
               "run_dir": str(result.run_dir), **score_run(result.run_dir)}
     if curve:
         run = RunDir.open(result.run_dir)
-        report["curve"] = [
-            {"epoch": n, "optimizer_steps": n * steps_per_epoch,
-             **score_run(run.path, model_path=run.checkpoint(f"epoch_{n:03d}"))["mean"]}
-            for n in range(1, epochs + 1) if run.checkpoint(f"epoch_{n:03d}").is_file()]
+        kept = [n for n in range(1, config.epochs + 1) if run.epoch_checkpoint(n).is_file()]
+        report["curve"] = [{"epoch": n, "optimizer_steps": n * steps_per_epoch,
+                            **score_run(run.path, model_path=run.epoch_checkpoint(n))["mean"]}
+                           for n in kept]
     atomic_write_text(out / "monuseg_benchmark.json", json.dumps(report, indent=2, default=float))
     return report
 

@@ -78,12 +78,14 @@ class RunResult:
 
 def select_precision(config: RunConfig) -> str:
     """The dtype policy for this run: float32, or with ``use_mixed_precision`` mixed_float16 on
-    CUDA and mixed_bfloat16 on a CPU that computes bfloat16 natively
+    CUDA (torch), mixed_bfloat16 on a JAX GPU/TPU or on a CPU that computes bfloat16 natively
     (:func:`cpu_has_native_bfloat16`); elsewhere float32, with a note on stderr."""
     if not config.use_mixed_precision:
         return "float32"
     if _cuda_available():
         return "mixed_float16"
+    if _jax_accelerator():
+        return "mixed_bfloat16"
     if keras.backend.backend() not in ("torch", "jax"):
         print("note: no bfloat16 support on this backend; training in float32", file=sys.stderr)
         return "float32"
@@ -95,6 +97,15 @@ def select_precision(config: RunConfig) -> str:
               "float32", file=sys.stderr)
         return "float32"
     return "mixed_bfloat16"
+
+
+def _jax_accelerator() -> bool:
+    """Whether JAX computes on a GPU or TPU (bfloat16 in hardware)."""
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.default_backend() != "cpu"
 
 
 def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
@@ -311,7 +322,7 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     if ctx.is_primary:  # the writers; the other ranks hold the same model and metrics
         callbacks += [checkpoint, keras.callbacks.CSVLogger(str(csv_path), append=state is not None)]
         if config.save_every_epochs:
-            callbacks.append(EpochCheckpoint(lambda n: run.checkpoint(f"epoch_{n:03d}", stage),
+            callbacks.append(EpochCheckpoint(lambda n: run.epoch_checkpoint(n, stage),
                                              config.save_every_epochs, ema))
     shown = min(config.tensorboard_images, len(val)) if ctx.is_primary else 0
     sample = [val.sample(0, i) for i in range(shown)]
