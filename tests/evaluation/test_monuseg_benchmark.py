@@ -23,7 +23,7 @@ def squares(n, size, side=9):
 def test_benchmark_trains_tunes_scores_and_draws_the_curve(tmp_path):
     src = tmp_path / "monuseg"
     for stem in (*VAL_IDS, "TCGA-TRAIN-1", "TCGA-TRAIN-2"):
-        write_pair(src, stem, squares(4, 80), size=(80, 80))  # smaller than a crop: padded
+        write_pair(src, stem, squares(4, 80), size=(80, 80))  # 64² crops and validation crops
     overrides = {"encoder": "resnet18", "decoder_filters": "8,8,8,8,8", "input_size": 64,
                  "val_size": 64, "batch_size": 2, "use_mixed_precision": False,
                  "num_workers": 0}  # the preset's hv head
