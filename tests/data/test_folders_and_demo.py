@@ -148,6 +148,30 @@ def test_every_pre_augmented_prefix_is_recognised():
         assert not is_augmented_copy(name), name
 
 
+def test_preparation_says_how_many_pre_augmented_copies_it_skipped_or_used(tmp_path):
+    from tests.helpers import run_script
+
+    disc = np.zeros((32, 32), np.uint8)
+    disc[8:20, 10:22] = 255
+    for split in ("train", "valid"):
+        for name in ("a.png", "b.png", "flipped_a.png", "rotated_90_b.png", "mirrored_b.png"):
+            for sub in ("images", "masks"):
+                (tmp_path / "src" / split / sub).mkdir(parents=True, exist_ok=True)
+                picture = np.dstack([disc] * 3) if sub == "images" else disc
+                cv2.imwrite(str(tmp_path / "src" / split / sub / name), picture)
+    proc = run_script("prepare_data", "folders", "--src", tmp_path / "src", "--out", tmp_path / "a",
+                      "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert ("train: 2 original images; 3 pre-augmented copies (flipped_/mirrored_/rotated_) "
+            "skipped, --use_augmented includes them") in proc.stdout
+    assert len(PreparedDataset(tmp_path / "a" / "valid")) == 2
+    proc = run_script("prepare_data", "folders", "--src", tmp_path / "src", "--out", tmp_path / "b",
+                      "--use_augmented", "--quiet")
+    assert "valid: 5 images, including 3 pre-augmented copies" in proc.stdout
+    meta = PreparedDataset(tmp_path / "b" / "train").meta
+    assert meta["augmented_copies"] == {"found": 3, "used": 3} and meta["num_samples"] == 5
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "papsmear").is_dir(), reason="shared Pap-smear set not present")
 def test_real_papsmear_folders_with_jpeg_masks(tmp_path):
     """The real Pap-smear set (JPEG images and masks, soft mask edges, pre-augmented copies)."""

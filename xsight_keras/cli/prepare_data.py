@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from xsight_keras.data import (
+    PreparedDataset,
     prepare_folders,
     prepare_monuseg,
     prepare_pannuke,
@@ -72,8 +73,21 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in written:
-        print(f"wrote {path}")
+        print(f"wrote {path}{_copies_note(path)}")
     return 0
+
+
+def _copies_note(path) -> str:
+    """What a prepared split did with the pre-augmented copies it found (folders), else ''."""
+    meta = PreparedDataset(path).meta
+    copies = meta.get("augmented_copies") or {}
+    if not copies.get("found"):
+        return ""
+    if copies["used"]:
+        return (f": {meta['num_samples']} images, including {copies['used']} pre-augmented "
+                "copies (flipped_/mirrored_/rotated_)")
+    return (f": {meta['num_samples']} original images; {copies['found']} pre-augmented copies "
+            "(flipped_/mirrored_/rotated_) skipped, --use_augmented includes them")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,15 @@ def is_augmented_copy(name: str) -> bool:
     return AUGMENTED_PREFIX.match(name) is not None
 
 
+def count_augmented_copies(split_dir) -> int:
+    """How many images of ``split_dir/images`` are pre-augmented copies (:func:`is_augmented_copy`)."""
+    folder = Path(split_dir) / "images"
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir()
+               if p.suffix.lower() in IMAGE_SUFFIXES and is_augmented_copy(p.name))
+
+
 def find_folder_pairs(split_dir, use_augmented: bool = False) -> list[tuple[Path, Path]]:
     """(image, mask) path pairs of one split folder holding ``images/`` and ``masks/``.
 
@@ -113,7 +122,11 @@ def read_folder_sample(image_path, mask_path, channels: int = 3):
 
 def prepare_folders(src, out, use_augmented: bool = False, channels: int = 3,
                     progress: bool = True) -> list[Path]:
-    """Prepare each split folder (``train``, ``valid``, ``test``) found under ``src`` into ``out/<split>``."""
+    """Prepare each split folder (``train``, ``valid``, ``test``) found under ``src`` into ``out/<split>``.
+
+    Each split's ``meta.json`` records ``augmented_copies``: how many pre-augmented copies
+    (``flipped_``/``mirrored_``/``rotated_<angle>_``) its ``images/`` holds (``found``) and how
+    many were prepared (``used``: all with ``use_augmented``, else none)."""
     src = Path(src)
     splits = [s for s in SPLITS if (src / s).is_dir()]
     if not splits:
@@ -121,9 +134,12 @@ def prepare_folders(src, out, use_augmented: bool = False, channels: int = 3,
     written = []
     for split in splits:
         pairs = find_folder_pairs(src / split, use_augmented)
+        copies = count_augmented_copies(src / split)
         shapes = [read_image(i, channels).shape for i, _ in pairs]  # masks are read once, below
+        meta = {"dataset": "folders", "use_augmented": use_augmented,
+                "augmented_copies": {"found": copies, "used": copies if use_augmented else 0}}
         with PreparedWriter(Path(out) / split, shapes, CLASS_NAMES, source=str(src / split),
-                            extra_meta={"dataset": "folders", "use_augmented": use_augmented}) as w:
+                            extra_meta=meta) as w:
             for k, (image_path, mask_path) in enumerate(
                 tqdm(pairs, desc=f"{split} → {out}", disable=not progress)
             ):
