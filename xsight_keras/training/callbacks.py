@@ -168,6 +168,19 @@ def update_batch_norm(model: keras.Model, batches, max_batches: int | None = Non
     return used
 
 
+def _save_epoch_model(model, path: Path, ema, epoch: int, refused: str) -> bool:
+    """Save ``model`` (with EMA weights when ``ema`` is given) atomically after 0-based
+    ``epoch``; non-finite weights are not saved: a warning ``… {refused} {path}``, ``False``."""
+    context = ema.applied() if ema is not None else contextlib.nullcontext()
+    with context:
+        try:
+            save_model_atomically(model, path)
+        except ValueError as exc:
+            print(f"warning: epoch {epoch + 1}: {exc}; {refused} {path}")
+            return False
+    return True
+
+
 class BestCheckpoint(keras.callbacks.Callback):
     """Save the model when ``monitor`` improves, with EMA weights when an EMA callback is given.
 
@@ -188,13 +201,8 @@ class BestCheckpoint(keras.callbacks.Callback):
         value = (logs or {}).get(self.monitor)
         if value is None or not np.isfinite(value) or not self._better(value):
             return
-        context = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-        with context:
-            try:
-                save_model_atomically(self.model, self.path)
-            except ValueError as exc:
-                print(f"warning: epoch {epoch + 1}: {exc}; keeping {self.path}")
-                return
+        if not _save_epoch_model(self.model, self.path, self.ema, epoch, "keeping"):
+            return
         self.best, self.best_epoch = float(value), epoch
         if self.verbose:
             print(f"epoch {epoch + 1}: {self.monitor} improved to {value:.4f}, saved {self.path}")
@@ -213,13 +221,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if (epoch + 1) % self.every:
             return
-        path = Path(self.path_for(epoch + 1))
-        context = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
-        with context:
-            try:
-                save_model_atomically(self.model, path)
-            except ValueError as exc:
-                print(f"warning: epoch {epoch + 1}: {exc}; not saved to {path}")
+        _save_epoch_model(self.model, Path(self.path_for(epoch + 1)), self.ema, epoch, "not saved to")
 
 
 class ScheduleLogger(keras.callbacks.Callback):
