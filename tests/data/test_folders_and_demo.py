@@ -96,7 +96,9 @@ def test_mask_reader_thresholds_soft_edges_and_refuses_grey_pictures(tmp_path):
     mask[9, 10:30], mask[30, 10:30] = 100, 200  # soft edges: below and above the threshold
     mask[10:30, 9], mask[10:30, 30] = 127, 128
     write(tmp_path / "soft.png", mask)
-    np.testing.assert_array_equal(read_binary_mask(tmp_path / "soft.png"), mask >= 128)
+    stats = {}
+    np.testing.assert_array_equal(read_binary_mask(tmp_path / "soft.png", stats), mask >= 128)
+    assert stats == {"grey_pixels": 80, "pixels": 64 * 64, "masks_with_grey": 1}  # the 4 rims
     # the same mask through JPEG compression (ringing around the edges) reads back almost exactly
     write(tmp_path / "soft.jpg", np.where(mask >= 128, 255, 0).astype(np.uint8))
     jpeg = read_binary_mask(tmp_path / "soft.jpg")
@@ -182,6 +184,9 @@ def test_real_papsmear_folders_with_jpeg_masks(tmp_path):
     assert (len(train), len(valid)) == (165, 25)  # originals only: no prefixed copy
     assert len(find_folder_pairs(src / "valid", use_augmented=True)) == 384
     for ds in (train, valid):
+        grey = ds.meta["mask_grey"]  # soft JPEG edges, counted: 5 % of the pixels in this set
+        assert grey["masks_with_grey"] == grey["masks"] == len(ds)
+        assert 0.02 < grey["grey_pixels"] / grey["pixels"] < 0.10
         share = ds.pixel_counts[1] / ds.pixel_counts.sum()
         assert 0.05 < share < 0.5, share  # one nucleus per crop, a plausible part of it
         assert ds.instance_counts[1] >= len(ds)

@@ -73,8 +73,18 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in written:
-        print(f"wrote {path}{_copies_note(path)}")
+        print(f"wrote {path}{_copies_note(path)}{_grey_note(path)}")
     return 0
+
+
+def _grey_note(path) -> str:
+    """How many mask pixels were ambiguous and thresholded (folders), else ''."""
+    grey = PreparedDataset(path).meta.get("mask_grey") or {}
+    if not grey.get("grey_pixels"):
+        return ""
+    return (f"; {grey['grey_pixels']:,} mask pixels ({100 * grey['grey_pixels'] / grey['pixels']:.1f}%, "
+            f"in {grey['masks_with_grey']} of {grey['masks']} masks) were grey (soft JPEG edges) "
+            "and thresholded at 128")
 
 
 def _copies_note(path) -> str:

@@ -79,8 +79,12 @@ def find_folder_pairs(split_dir, use_augmented: bool = False) -> list[tuple[Path
     return pairs
 
 
-def read_binary_mask(path) -> np.ndarray:
+def read_binary_mask(path, stats: dict | None = None) -> np.ndarray:
     """Read a 0/255 mask file as uint8 (H, W) with values 0/1 (threshold at 128).
+
+    ``stats``, when given, is a dict whose ``grey_pixels`` and ``pixels`` counts (and
+    ``masks_with_grey``) are increased by this mask's ambiguous (mid-grey, 33–223) and total
+    pixels, so a caller can report how much thresholding decided.
 
     JPEG masks have soft, ringing edges: mid-grey pixels next to the border between the two
     levels are expected (up to ~10 % of a small mask's pixels in real sets) and thresholded.
@@ -102,17 +106,22 @@ def read_binary_mask(path) -> np.ndarray:
         raise ValueError(f"{path}: {100 * grey.mean():.0f}% of pixels are neither near 0 nor "
                          f"near 255 ({100 * stray / mask.size:.1f}% away from the mask's edges); "
                          f"expected a binary 0/255 mask")
+    if stats is not None:
+        count = int(np.count_nonzero(grey))
+        stats["grey_pixels"] = stats.get("grey_pixels", 0) + count
+        stats["pixels"] = stats.get("pixels", 0) + mask.size
+        stats["masks_with_grey"] = stats.get("masks_with_grey", 0) + (count > 0)
     return binary.astype(np.uint8)
 
 
-def read_folder_sample(image_path, mask_path, channels: int = 3):
+def read_folder_sample(image_path, mask_path, channels: int = 3, stats: dict | None = None):
     """Read an image (uint8 (H, W, channels)) and its mask as (classes uint8, instances int32).
 
     Instances are the 8-connected components of the mask. Raises ``ValueError`` naming both files
-    when their sizes differ.
+    when their sizes differ. ``stats``: see :func:`read_binary_mask`.
     """
     image = read_image(image_path, channels)
-    classes = read_binary_mask(mask_path)
+    classes = read_binary_mask(mask_path, stats)
     if classes.shape != image.shape[:2]:
         raise ValueError(f"{image_path} is {image.shape[1]}×{image.shape[0]} but its mask "
                          f"{mask_path} is {classes.shape[1]}×{classes.shape[0]}")
@@ -126,7 +135,9 @@ def prepare_folders(src, out, use_augmented: bool = False, channels: int = 3,
 
     Each split's ``meta.json`` records ``augmented_copies``: how many pre-augmented copies
     (``flipped_``/``mirrored_``/``rotated_<angle>_``) its ``images/`` holds (``found``) and how
-    many were prepared (``used``: all with ``use_augmented``, else none)."""
+    many were prepared (``used``: all with ``use_augmented``, else none), and ``mask_grey``:
+    how many mask pixels were mid-grey and decided by the threshold at 128 (soft JPEG edges;
+    ``grey_pixels``, ``pixels``, ``masks_with_grey``, ``masks``)."""
     src = Path(src)
     splits = [s for s in SPLITS if (src / s).is_dir()]
     if not splits:
@@ -136,14 +147,17 @@ def prepare_folders(src, out, use_augmented: bool = False, channels: int = 3,
         pairs = find_folder_pairs(src / split, use_augmented)
         copies = count_augmented_copies(src / split)
         shapes = [read_image(i, channels).shape for i, _ in pairs]  # masks are read once, below
+        grey = {"grey_pixels": 0, "pixels": 0, "masks_with_grey": 0, "masks": len(pairs)}
         meta = {"dataset": "folders", "use_augmented": use_augmented,
-                "augmented_copies": {"found": copies, "used": copies if use_augmented else 0}}
+                "augmented_copies": {"found": copies, "used": copies if use_augmented else 0},
+                "mask_grey": grey}  # filled in while the masks are read, written at close
         with PreparedWriter(Path(out) / split, shapes, CLASS_NAMES, source=str(src / split),
                             extra_meta=meta) as w:
             for k, (image_path, mask_path) in enumerate(
                 tqdm(pairs, desc=f"{split} → {out}", disable=not progress)
             ):
-                image, classes, instances = read_folder_sample(image_path, mask_path, channels)
+                image, classes, instances = read_folder_sample(image_path, mask_path, channels,
+                                                               grey)
                 w.write(k, image, classes, instances, name=image_path.stem)
         written.append(Path(out) / split)
     return written
