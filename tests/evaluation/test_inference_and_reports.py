@@ -95,6 +95,39 @@ def test_an_image_smaller_than_a_tile_is_mirror_padded():
     assert np.abs(zero_padded - expected)[0].max() > 1e-3  # the first row does see the padding
 
 
+def test_a_model_trained_on_resized_images_predicts_at_the_scale_it_learned():
+    """resize_mode 'resize' (the PGU-Net on Pap-smear cells): prediction resizes the whole image
+    to the training size, predicts it as one tile and resizes the maps back."""
+    from xsight_keras.data.images import resize_image
+    from xsight_keras.inference.predictor import training_resize
+    from xsight_keras.models import progressive_unet
+
+    keras.utils.set_random_seed(5)
+    model = local_model()
+    seen = []
+    original_call = model.call
+
+    def recording_call(inputs, *args, **kwargs):
+        seen.append(tuple(inputs.shape))
+        return original_call(inputs, *args, **kwargs)
+
+    model.call = recording_call
+    image = np.random.default_rng(5).integers(0, 255, (128, 96, 3), dtype=np.uint8)
+    got = Predictor(model, RAW, tile_size=64, resize_to=32).predict_probabilities(image)
+    assert seen == [(1, 32, 32, 3)]  # one tile: the whole image at 32×32, not 64 px windows
+    small = resize_image(image, 32, 32).astype(np.float32) / 255
+    expected = resize_image(model.predict(small[None], verbose=0)[0], 128, 96)
+    assert got.shape == (128, 96, 3)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # the size comes from the run: a PGU-Net stage's resolution, else the training size
+    stage2 = progressive_unet(2, base_filters=4)
+    assert training_resize({"resize_mode": "resize"}, stage2) == 64
+    assert training_resize({"resize_mode": "crop"}, stage2) is None
+    assert training_resize({"resize_mode": "resize", "input_size": 96}, model) == 96
+    assert training_resize({"resize_mode": "resize", "progressive": True, "input_size": 96,
+                            "size_schedule": "0:64,3:128"}, model) == 128
+
+
 def test_channels_first_model_gives_the_same_probabilities():
     keras.utils.set_random_seed(2)
     last = pointwise_model()

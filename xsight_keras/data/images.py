@@ -41,3 +41,17 @@ def read_image(path, channels: int = 3) -> np.ndarray:
     elif channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     return np.ascontiguousarray(image)
+
+
+def resize_image(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an image (H, W) or (H, W, C), any dtype OpenCV resizes, to ``height``×``width``
+    keeping its number of dimensions: area averaging when it shrinks (no aliasing), bilinear
+    when it grows. Training (``resize_mode: resize``) and prediction resize through this one
+    function, so a model sees images at the same scale in both."""
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    shrinks = height < h and width < w
+    resized = cv2.resize(image, (width, height),
+                         interpolation=cv2.INTER_AREA if shrinks else cv2.INTER_LINEAR)
+    return resized[..., None] if image.ndim == 3 and resized.ndim == 2 else resized

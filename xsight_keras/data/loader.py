@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xsight_keras._backend import resolve_data_format
 from xsight_keras.data.augment import augment_sample, build_augmentation, mixup
+from xsight_keras.data.images import resize_image
 from xsight_keras.data.prepared import PreparedDataset
 from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
 from xsight_keras.heads import (
@@ -99,9 +100,7 @@ def _fit_to_size(arrays, size: int, rng, random_crop: bool, resize: bool):
     image, masks = arrays
     h, w = image.shape[:2]
     if resize and (h, w) != (size, size):
-        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA if h > size else cv2.INTER_LINEAR)
-        if image.ndim == 2:
-            image = image[..., None]
+        image = resize_image(image, size, size)
         masks = [cv2.resize(m, (size, size), interpolation=cv2.INTER_NEAREST) for m in masks]
         return image, masks
     image, masks = _pad_to(image, masks, size)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
+from xsight_keras.data.images import resize_image
+from xsight_keras.data.loader import parse_schedule
 from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
 from xsight_keras.heads import (
     INSTANCE,
@@ -18,6 +20,7 @@ from xsight_keras.heads import (
 )
 from xsight_keras.inference.tta import apply_transform, invert_transform, parse_transforms
 from xsight_keras.models.base import model_data_format
+from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
 from xsight_keras.rundir import RunDir, load_model_file
 
 
@@ -104,6 +107,22 @@ def _positions(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
+def training_resize(settings: dict, model: keras.Model) -> int | None:
+    """The size a run resized whole images to in training (``resize_mode: resize``), which
+    prediction must resize to as well: a PGU-Net stage's resolution (32·2^(stage-1)), else the
+    run's last training size (``size_schedule`` when it grew, ``input_size``). ``None`` when the
+    run trained on crops at the images' own scale (``resize_mode: crop``, the default)."""
+    if settings.get("resize_mode", "crop") != "resize":
+        return None
+    stage = getattr(model, "arguments", {}).get("stage")
+    if stage is not None:
+        return STAGE_RESOLUTIONS[stage]
+    schedule = settings.get("size_schedule")
+    if schedule and settings.get("progressive"):
+        return int(max(parse_schedule(schedule).items())[1])  # the size of the last epochs
+    return int(settings.get("input_size", 256))
+
+
 class Predictor:
     """Predict class probabilities for images of any size with a segmentation model.
 
@@ -112,12 +131,18 @@ class Predictor:
     ``preprocess`` (the run's :class:`PreprocessConfig`, applied once to the whole image),
     ``tile_size`` (a multiple of the model's size multiple, 32 for the Attention U-Net),
     ``overlap`` (pixels shared by neighbouring tiles, default a quarter tile), ``batch_size`` (tiles per forward pass),
-    ``tta`` (see :func:`parse_transforms`).
+    ``tta`` (see :func:`parse_transforms`),
+    ``resize_to`` (for a model trained on whole images resized to one size, ``resize_mode:
+    resize``: each image is resized to ``resize_to``×``resize_to`` as in training, predicted as
+    one tile, and its maps resized back to the image's size; :meth:`from_run` sets it).
     """
 
     def __init__(self, model: keras.Model, preprocess: PreprocessConfig = PreprocessConfig(),
                  tile_size: int = 256, overlap: int | None = None, batch_size: int = 8, tta=None,
-                 class_names=None):
+                 class_names=None, resize_to: int | None = None):
+        if resize_to is not None:
+            tile_size, overlap = int(resize_to), 0
+        self.resize_to = resize_to
         overlap = tile_size // 4 if overlap is None else overlap
         if not 0 <= overlap <= tile_size // 2:
             raise ValueError(f"overlap must be in [0, tile_size / 2], got {overlap} for {tile_size}")
@@ -137,6 +162,7 @@ class Predictor:
         model = load_model_file(model_path) if model_path else run.load_model("best")
         preprocess = run.preprocess
         kwargs.setdefault("class_names", run.class_names)
+        kwargs.setdefault("resize_to", training_resize(run.settings, model))
         return cls(model, preprocess, **kwargs)
 
     def _model_outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -197,6 +223,16 @@ class Predictor:
                 image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None]
             else:
                 raise ValueError(f"the model takes {self.in_channels}-channel images, got {image.shape}")
+        h, w = image.shape[:2]
+        if self.resize_to is None:
+            return self._predict_tiled(image)
+        # the scale the model was trained at: the whole image resized to one tile, and back
+        maps = self._predict_tiled(resize_image(image, self.resize_to, self.resize_to))
+        return {name: resize_image(v, h, w) for name, v in maps.items()}
+
+    def _predict_tiled(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """uint8 (H, W, C) in the model's channels → {output: float32 (H, W, K)}: overlapping
+        tiles, blended."""
         h, w = image.shape[:2]
         x = preprocess_image(image, self.preprocess)
         t = self.tile_size
