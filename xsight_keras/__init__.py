@@ -23,6 +23,7 @@ from xsight_keras.models import (
     inference_view,
     progressive_unet,
     resnet_encoder,
+    settle,
     transfer_weights,
 )
 from xsight_keras.training import (
@@ -35,6 +36,7 @@ from xsight_keras.training import (
     FusedAdamW,
     HybridLoss,
     OneCycle,
+    PreciseBatchNorm,
     SegmentationScore,
     SoftDiceLoss,
     StochasticWeightAveraging,
@@ -60,6 +62,7 @@ __all__ = [
     "FusedAdamW",
     "HybridLoss",
     "OneCycle",
+    "PreciseBatchNorm",
     "PreparedDataset",
     "PreprocessConfig",
     "SegmentationDataset",
@@ -82,6 +85,7 @@ __all__ = [
     "progressive_unet",
     "resnet_encoder",
     "segmentation_metrics",
+    "settle",
     "transfer_weights",
     "update_batch_norm",
 ]

@@ -47,7 +47,9 @@ class RunConfig:
     in_channels: int = 3
     input_size: int = 256  # training crop/resize size when not progressive
     val_size: int | None = None  # central crop for validation; None keeps the stored size
-    progressive: bool = False
+    # grow during training: the PGU-Net through its stages, the Attention U-Net through
+    # size_schedule; None is the model's own default (PGU-Net grows, the Attention U-Net does not)
+    progressive: bool | None = None
     size_schedule: str | None = None  # e.g. "0:128,10:256" (epoch:size), used when progressive
     aug_schedule: str = "0:1"  # epoch:level, levels 0-4
     resize_mode: str = "crop"  # crop | resize
@@ -102,10 +104,14 @@ class RunConfig:
     swa_start_epoch: int = 10
     early_stopping_patience: int | None = None
     tta_val: bool = False  # also score validation images whole with the 8 flips/rotations
+    # BatchNorm statistics re-estimated over this many training batches before each validation
+    # (PreciseBatchNorm: inference then computes what training does); 0 keeps the moving averages
+    precise_bn_batches: int = 8
     # PGU-Net
     stages: tuple[int, ...] = (1, 2, 3, 4)
     epochs_per_stage: int = 10
     batch_sizes: str = "32:64,64:32,128:16,256:8"  # resolution:batch size
+    fade_in_epochs: float = 1.0  # each new level blends in over this many epochs (0: at once)
     scale_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)  # fused, then coarser scales
     # logging
     tensorboard_images: int = 3
@@ -116,6 +122,14 @@ class RunConfig:
 
     def to_json(self, path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+
+    @property
+    def grows(self) -> bool:
+        """Whether the run grows: ``progressive``, or when it is ``None`` the model's default
+        (the PGU-Net grows through ``stages``; the Attention U-Net keeps ``input_size``)."""
+        if self.progressive is None:
+            return self.model == "progressive_unet"
+        return self.progressive
 
     @property
     def run_dir(self) -> Path:
@@ -150,7 +164,7 @@ def _coerce(name: str, value):
             value = [v for v in value.replace(" ", "").split(",") if v]
         item = float if "float" in str(kind) else str if "str" in str(kind) else int
         return tuple(item(v) for v in value)
-    if isinstance(default, bool):
+    if isinstance(default, bool) or "bool" in str(kind):
         if isinstance(value, str):
             if value.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -266,6 +280,13 @@ def validate_config(config: RunConfig) -> None:
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"{key} must be positive (or unset), got {value}")
+    if not 0 <= config.fade_in_epochs <= config.epochs_per_stage:
+        raise ValueError(f"fade_in_epochs must be between 0 (off) and epochs_per_stage "
+                         f"({config.epochs_per_stage}): a new level fades in within its stage, "
+                         f"got {config.fade_in_epochs}")
+    if config.precise_bn_batches < 0:
+        raise ValueError(f"precise_bn_batches must be 0 (off) or a number of batches, got "
+                         f"{config.precise_bn_batches}")
     if config.epochs < 1 or config.batch_size < 1:
         raise ValueError("epochs and batch_size must be at least 1")
     if config.lr <= 0:
@@ -285,7 +306,7 @@ def validate_config(config: RunConfig) -> None:
                          f"the head(s) {heads} of two images into maps that describe neither: "
                          "MixUp is for class maps only (set mixup_alpha 0, or heads none and "
                          "instance_head false)")
-    if config.progressive and not config.size_schedule and config.model != "progressive_unet":
+    if config.grows and not config.size_schedule and config.model != "progressive_unet":
         raise ValueError("progressive=True needs size_schedule (e.g. '0:128,10:256')")
     if config.loss == "bce_dice" and config.num_classes != 1:
         raise ValueError("loss 'bce_dice' is for binary masks: set num_classes: 1")

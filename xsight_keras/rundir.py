@@ -8,7 +8,7 @@
     <run>/final.keras          weights at the end of training; swa.keras when SWA ran
     <run>/history.csv          one row per epoch (history_stage_<k>.csv per PGU-Net stage)
     <run>/postprocess.json     tuned watershed settings (tune_postprocessing)
-    <run>/summary.json         time taken, best and final metrics
+    <run>/summary.json         time taken, best and final metrics (PGU-Net: per stage too)
     <run>/state/               resume point (xsight_keras.training.state)
 
 Training writes a run through it; evaluation, prediction, post-processing tuning, figures and

@@ -83,3 +83,45 @@ def test_multi_scale_loss_dict_trains_and_inference_view_returns_fused():
     view = inference_view(model)
     fused = view.predict(x, verbose=0)
     np.testing.assert_allclose(fused, model.predict(x, verbose=0)["fused"], atol=1e-6)
+
+
+def test_a_grown_stage_fades_its_new_level_in_from_the_previous_stage(tmp_path):
+    """grow(fade_in=N): at alpha 0 stage 2 computes what stage 1 computed on the image
+    downsampled 2× (PGGAN's fade-in); each training step raises alpha by 1/N; at alpha 1 it is
+    the plain stage 2, which settle() returns without the fade-in branch; alpha is saved."""
+    from xsight_keras.models import fade_alpha, set_fade, settle
+
+    keras.utils.set_random_seed(0)
+    stage1 = progressive_unet(1, base_filters=4, data_format="channels_first")
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype("float32")
+    half = x.reshape(2, 3, 32, 2, 32, 2).mean(axis=(3, 5))
+    stage2 = grow(stage1, fade_in=4)
+    assert fade_alpha(stage2) == 0.0 and fade_alpha(stage1) is None
+    before = keras.ops.convert_to_numpy(stage1(half, training=False)["fused"])
+    faded_out = {k: keras.ops.convert_to_numpy(v) for k, v in stage2(x, training=False).items()}
+    np.testing.assert_allclose(faded_out["scale_2"], before, atol=1e-6)  # level 1, unchanged
+    coarse = keras.ops.convert_to_numpy(keras.ops.image.resize(
+        np.log(before / (1 - before)), (64, 64), data_format="channels_first"))
+    np.testing.assert_allclose(faded_out["fused"], 1 / (1 + np.exp(-coarse)), atol=1e-5)
+    with pytest.raises(ValueError, match="still fading"):
+        settle(stage2)
+    stage2(x, training=True)
+    stage2(x, training=True)  # two of the four fade-in steps; inference does not count
+    stage2(x, training=False)
+    assert fade_alpha(stage2) == 0.5
+    halfway = keras.ops.convert_to_numpy(stage2(x, training=False)["fused"])
+    assert np.abs(halfway - faded_out["fused"]).max() > 1e-3  # the new level counts now
+    set_fade(stage2, 1.0)
+    full = keras.ops.convert_to_numpy(stage2(x, training=False)["fused"])
+    stage2.save(tmp_path / "fading.keras")
+    reloaded = keras.models.load_model(tmp_path / "fading.keras")
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(reloaded(x)["fused"]), full, atol=1e-6)
+    plain = settle(stage2)
+    assert plain.arguments["fade_in"] == 0 and fade_alpha(plain) is None
+    assert not [layer.name for layer in plain.layers if "fade" in layer.name or layer.name == "stem1_conv"]
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(plain(x, training=False)["fused"]), full,
+                               atol=1e-6)
+    stage2(x, training=True)
+    assert fade_alpha(stage2) == 1.0  # and stays there
+    with pytest.raises(ValueError, match="stage 1 has none"):
+        progressive_unet(1, base_filters=4, fade_in=10)

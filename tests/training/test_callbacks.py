@@ -194,3 +194,51 @@ def test_atomic_text_write_survives_an_interruption(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         atomic_write_text(target, '{"half":')
     assert target.read_text() == '{"good": true}' and len(list(tmp_path.iterdir())) == 1
+
+
+class ArraySamples:
+    """The part of a SegmentationDataset that PreciseBatchNorm reads: ``len`` and ``sample``."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def sample(self, epoch, index):
+        return self.x[index], None
+
+
+@pytest.mark.parametrize("precise", [False, True])
+def test_precise_batch_norm_makes_inference_compute_what_training_computes(precise):
+    """A BatchNorm whose inputs have variance ~0.01: after four steps the moving variance (from
+    1, momentum 0.1) is still far off, so inference-mode outputs differ from training-mode ones;
+    re-estimated before validation they agree (the PGU-Net's Pap-smear collapse, in small)."""
+    from xsight_keras.models.fused_layers import FusedBatchNormalization
+    from xsight_keras.training.callbacks import PreciseBatchNorm
+
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.5, 0.1, (32, 8, 8, 2)).astype("float32")
+    y = (x[..., :1] > 0.5).astype("float32")
+    inputs = keras.Input((8, 8, 2))
+    h = keras.layers.Conv2D(4, 3, padding="same", kernel_initializer=keras.initializers.RandomNormal(
+        stddev=0.05), name="conv")(inputs)
+    h = FusedBatchNormalization(momentum=0.9, name="bn")(h)
+    model = keras.Model(inputs, keras.layers.Conv2D(1, 1, name="head")(h))
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    callbacks = [PreciseBatchNorm(ArraySamples(x), batch_size=8, batches=4)] if precise else []
+    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, validation_data=(x[:8], y[:8]),
+              callbacks=callbacks, verbose=0)
+    inference = keras.ops.convert_to_numpy(model(x, training=False))
+    training = keras.ops.convert_to_numpy(model(x, training=True))  # statistics of all 32 = the 4 batches'
+    gap = np.abs(inference - training).max() / np.abs(training).max()
+    if precise:
+        assert gap < 1e-3, gap
+    else:
+        assert gap > 0.1, gap
+    if precise:  # a user's evaluate() outside fit leaves the statistics alone
+        before = keras.ops.convert_to_numpy(model.get_layer("bn").moving_variance)
+        model.evaluate(x, y, verbose=0, callbacks=callbacks)
+        np.testing.assert_array_equal(
+            keras.ops.convert_to_numpy(model.get_layer("bn").moving_variance), before)

@@ -96,7 +96,11 @@ def test_attention_unet_run_writes_every_artefact(demo_data, tmp_path, monkeypat
         train(config)
 
 
-def test_progressive_unet_run_goes_through_all_four_stages(demo_data, tmp_path):
+def test_progressive_unet_run_goes_through_all_four_stages(demo_data, tmp_path, monkeypatch):
+    from xsight_keras.data import PreparedDataset, preprocess_image
+    from xsight_keras.data.images import resize_image
+
+    served = record_served_samples(monkeypatch)
     config = load_config("papsmear", overrides={
         "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": "pgu",
         "epochs_per_stage": 1, "base_filters": 4, "batch_sizes": "32:4,64:4,128:4,256:4",
@@ -110,6 +114,33 @@ def test_progressive_unet_run_goes_through_all_four_stages(demo_data, tmp_path):
     assert final.name == "progressive_unet_stage4"
     assert len(result.history["loss"]) == 4
     assert "val_fused_dice_nucleus" in result.history
+    summary = json.loads((run / "summary.json").read_text())
+    assert list(summary["stages"]) == ["1", "2", "3", "4"]
+    assert summary["stages"]["4"]["resolution"] == 256 and summary["stages"]["1"]["epochs"] == 1
+    # validation sees each stage's images as training does (resize_mode resize): whole images
+    # resized to 32, 64, 128, 256 px, not crops of those sizes at the stored scale
+    sizes = [item[2].shape[-1] for item in served["valid"]]
+    assert sorted(set(sizes)) == [32, 64, 128, 256]
+    first = next(item for item in served["valid"] if item[1][1] == 0)
+    raw = PreparedDataset(demo_data / "valid")[0].image
+    expected = preprocess_image(resize_image(raw, 32, 32), config.preprocess).transpose(2, 0, 1)
+    np.testing.assert_allclose(first[2], expected, atol=1e-5)
+
+
+def test_pgunet_standard_mode_trains_the_whole_network_at_full_resolution(demo_data, tmp_path):
+    """progressive false (the original PGU-Net's baseline): no growth, stage 4 from the start."""
+    config = load_config("papsmear", overrides={
+        "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": "std",
+        "progressive": False, "epochs_per_stage": 2, "steps_per_epoch": 1, "base_filters": 4,
+        "batch_sizes": "32:4,64:4,128:4,256:2",
+    })
+    result = train(config)
+    run = tmp_path / "std"
+    assert sorted(p.name for p in run.glob("best_stage_*.keras")) == ["best_stage_4.keras"]
+    assert keras.models.load_model(run / "final.keras").name == "progressive_unet_stage4"
+    assert len(result.history["loss"]) == 2  # epochs_per_stage epochs of the one stage
+    assert json.loads((run / "config.json").read_text())["progressive"] is False
+    assert load_config("papsmear").grows and not load_config("demo").grows
 
 
 def test_missing_prepared_data_exits_2_with_instructions(tmp_path):
@@ -143,6 +174,10 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     assert load_config("pannuke", overrides={"heads": "none", "mixup_alpha": 0.2}).mixup_alpha == 0.2
     with pytest.raises(ValueError, match="attention_unet setting"):
         load_config("papsmear", overrides={"heads": "hv", "head_branch_stages": 1})
+    for overrides, message in (({"fade_in_epochs": 3, "epochs_per_stage": 2}, "within its stage"),
+                               ({"precise_bn_batches": -1}, "precise_bn_batches must be 0")):
+        with pytest.raises(ValueError, match=message):
+            load_config("papsmear", overrides=overrides)
 
 
 def test_every_flag_the_readme_lists_is_a_train_flag():

@@ -16,6 +16,7 @@ from xsight_keras.models.encoders import (
     resnet_encoder,
     resnet_features,
 )
+from xsight_keras.models.fade_in import FadeIn, FadeInMean, fade_alpha, set_fade
 from xsight_keras.models.fused_layers import (
     FusedBatchNormalization,
     FusedUpSampling2D,
@@ -31,11 +32,14 @@ from xsight_keras.models.progressive_unet import (
     inference_view,
     progressive_unet,
     progressive_unet_spec,
+    settle,
 )
 from xsight_keras.models.transfer import transfer_weights
 
 __all__ = [
     "AttentionUNet",
+    "FadeIn",
+    "FadeInMean",
     "ProgressiveUNet",
     "SegmentationModel",
     "default_data_format",
@@ -54,6 +58,7 @@ __all__ = [
     "build_encoder",
     "conv_bn_relu",
     "encoder_channels",
+    "fade_alpha",
     "find_imagenet_checkpoint",
     "get_encoder",
     "grow",
@@ -66,6 +71,8 @@ __all__ = [
     "register_encoder",
     "resnet_encoder",
     "resnet_features",
+    "set_fade",
+    "settle",
     "store_kernel_in_torch_order",
     "transfer_weights",
 ]

@@ -24,6 +24,7 @@ from keras import layers
 
 from xsight_keras.heads import FUSED, INSTANCE, extra_heads, scale_output
 from xsight_keras.models.base import SegmentationModel
+from xsight_keras.models.fade_in import FadeIn, FadeInMean, fade_alpha, set_fade
 from xsight_keras.models.fused_layers import FusedUpSampling2D, TorchOrderConv2D
 from xsight_keras.models.layers import (
     SpatialSizeCheck,
@@ -58,6 +59,7 @@ def progressive_unet(
     instance_head: bool = False,
     heads: tuple[str, ...] = (),
     data_format: str | None = None,
+    fade_in: int = 0,
 ) -> ProgressiveUNet:
     """Build PGU-Net stage ``stage`` (1–4).
 
@@ -71,14 +73,17 @@ def progressive_unet(
     (H×W, 2 channels: normalised distance, contour; :mod:`xsight_keras.heads`) from the finest decoder level; its weights
     are new at each stage (its input width changes), everything else transfers; ``heads``
     adds further declared heads by name. ``data_format``: ``None`` is the backend's fast layout
-    (:func:`xsight_keras.models.base.default_data_format`). The model is a
+    (:func:`xsight_keras.models.base.default_data_format`). ``fade_in=N`` (stage ≥ 2) adds
+    the previous stage's image stem on the 2×-downsampled image and blends the new outer level
+    in over the first N training steps (:mod:`xsight_keras.models.fade_in`); 0: no fade-in
+    branch. The model is a
     :class:`ProgressiveUNet` and keeps these arguments (``model.arguments``), which
     :func:`grow` reads.
     """
     return ProgressiveUNet(stage=stage, in_channels=in_channels, num_classes=num_classes,
                            base_filters=base_filters, dropout=dropout, activation=activation,
                            input_size=input_size, instance_head=instance_head, heads=heads,
-                           data_format=data_format)
+                           data_format=data_format, fade_in=fade_in)
 
 
 @keras.saving.register_keras_serializable(package="xsight_keras")
@@ -89,7 +94,7 @@ class ProgressiveUNet(SegmentationModel):
     family = "progressive_unet"
     ARGUMENTS = {"stage": 1, "in_channels": 3, "num_classes": 1, "base_filters": 32,
                  "dropout": 0.0, "activation": "auto", "input_size": None,
-                 "instance_head": False, "heads": ()}
+                 "instance_head": False, "heads": (), "fade_in": 0}
 
     def __init__(self, **arguments):
         if arguments.get("activation", "auto") == "auto":
@@ -100,23 +105,30 @@ class ProgressiveUNet(SegmentationModel):
         return f"progressive_unet_stage{stage}"
 
     def _graph(self, stage, in_channels, num_classes, base_filters, dropout, activation,
-               input_size, instance_head, heads):
+               input_size, instance_head, heads, fade_in):
         if stage not in STAGE_RESOLUTIONS:
             raise ValueError(f"stage must be one of 1, 2, 3, 4, got {stage}")
+        if fade_in and stage == 1:
+            raise ValueError("fade_in blends a new level into the previous stage: stage 1 has none")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
         if activation == "auto":
             activation = _default_activation(num_classes)
         axis = channel_axis()
         inputs = image_input(in_channels, input_size)
-        x = SpatialSizeCheck(2**stage, name="size_check")(inputs)
-        x = conv_bn_relu(x, level_filters(stage + 1, base_filters), f"stem{stage}", kernel_size=1)
+        image = SpatialSizeCheck(2**stage, name="size_check")(inputs)
+        x = conv_bn_relu(image, level_filters(stage + 1, base_filters), f"stem{stage}", kernel_size=1)
         skips = {}
         for level in range(stage, 0, -1):
             x = conv_bn_relu(x, level_filters(level, base_filters), f"enc{level}_block1")
             x = conv_bn_relu(x, level_filters(level, base_filters), f"enc{level}_block2")
             skips[level] = x
             x = layers.MaxPooling2D(2, name=f"enc{level}_pool")(x)
+            if fade_in and level == stage:  # what stage-1 fed this level: its stem on the image/2
+                old = layers.AveragePooling2D(2, name="fade_pool")(image)
+                old = conv_bn_relu(old, level_filters(stage, base_filters), f"stem{stage - 1}",
+                                   kernel_size=1)
+                x = FadeIn(fade_in, name="fade_in_input")([old, x])
         x = conv_bn_relu(x, 16 * base_filters, "bottleneck_block1")
         x = conv_bn_relu(x, 16 * base_filters, "bottleneck_block2")
         if dropout:
@@ -135,7 +147,12 @@ class ProgressiveUNet(SegmentationModel):
                     scale, interpolation="bilinear", name=f"fuse_up{scale}"
                 )(logits)
             fused_inputs.append(logits)
-        fused = fused_inputs[0] if stage == 1 else layers.Average(name="fuse_mean")(fused_inputs)
+        if stage == 1:
+            fused = fused_inputs[0]
+        elif fade_in:  # the new (finest) level's logits come last
+            fused = FadeInMean(fade_in, name="fade_in_output")(fused_inputs)
+        else:
+            fused = layers.Average(name="fuse_mean")(fused_inputs)
         outputs = {FUSED: output_activation(activation, name=FUSED)(fused), **outputs}
         for head in extra_heads(instance_head, heads):
             outputs[head.name] = head.build(x, level_filters(stage, base_filters))
@@ -178,7 +195,9 @@ def grow(model: keras.Model, **overrides) -> keras.Model:
 
     Layers present in both stages (matched by name and shape: all levels 1…k and the bottleneck)
     receive ``model``'s weights; the new outer level ``k+1`` and its stem start from a fresh
-    initialisation. ``overrides`` change builder arguments (e.g. ``dropout``).
+    initialisation. ``overrides`` change builder arguments (e.g. ``dropout``); with
+    ``fade_in=N`` stage k's stem keeps its weights on the downsampled image and the new level
+    fades in over the first N training steps (:mod:`xsight_keras.models.fade_in`).
     """
     if isinstance(model, ProgressiveUNet):
         spec = model.arguments  # stage, widths, heads, data format and dtype policy as built
@@ -186,10 +205,25 @@ def grow(model: keras.Model, **overrides) -> keras.Model:
         spec = progressive_unet_spec(model)
     if spec["stage"] >= MAX_STAGE:
         raise ValueError(f"model is already stage {MAX_STAGE}, the last PGU-Net stage")
-    spec.update(overrides, stage=spec["stage"] + 1)
+    spec.update({"fade_in": 0, **overrides}, stage=spec["stage"] + 1)
     grown = ProgressiveUNet(**spec)
     transfer_weights(model, grown)
+    set_fade(grown, 0.0)
     return grown
+
+
+def settle(model: keras.Model) -> keras.Model:
+    """The plain PGU-Net stage of a model that has faded its new level in (``fade_in``, now at
+    ``alpha`` 1): the same weights without the fade-in branch, the same outputs. A model that
+    is not fading is returned as it is. Raises ``ValueError`` while ``alpha`` < 1."""
+    alpha = fade_alpha(model)
+    if alpha is None or not isinstance(model, ProgressiveUNet):
+        return model
+    if alpha < 1.0:
+        raise ValueError(f"{model.name} is still fading its new level in (alpha {alpha:g})")
+    plain = ProgressiveUNet(**{**model.arguments, "fade_in": 0})
+    transfer_weights(model, plain)
+    return plain
 
 
 def inference_view(model: keras.Model) -> keras.Model:

@@ -3,6 +3,7 @@
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
     ExponentialMovingAverage,
+    PreciseBatchNorm,
     ScheduleLogger,
     StochasticWeightAveraging,
     TensorBoardLogger,
@@ -34,7 +35,7 @@ from xsight_keras.training.state import SyncLoaderEpoch
 __all__ = [
     "BCEDiceLoss", "BestCheckpoint", "BoundaryLoss", "DistributedContext",
     "ExponentialMovingAverage", "FocalLoss", "FusedAdam", "FusedAdamW", "HybridLoss",
-    "InstanceLoss", "OneCycle",
+    "InstanceLoss", "OneCycle", "PreciseBatchNorm",
     "ScheduleLogger", "SegmentationScore", "SoftDiceLoss", "StochasticWeightAveraging",
     "SyncLoaderEpoch", "TensorBoardLogger", "WarmupCosine", "class_weights_from_counts",
     "init_distributed", "install_data_parallel", "multiscale_losses", "plot_history",

@@ -139,33 +139,97 @@ class StochasticWeightAveraging(keras.callbacks.Callback):
         return clone
 
 
+def _no_gradients():
+    """A context in which forward passes record no autograd graph (torch); nothing elsewhere."""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        return torch.no_grad()
+    return contextlib.nullcontext()
+
+
 def update_batch_norm(model: keras.Model, batches, max_batches: int | None = None) -> int:
     """Re-estimate every BatchNorm's moving mean and variance as plain averages over ``batches``.
 
     ``batches`` yields images or ``(images, targets)``. Used after SWA, whose averaged weights do
-    not match any statistics seen in training. Returns the number of batches used.
+    not match any statistics seen in training, and before validation (:class:`PreciseBatchNorm`).
+    Only the statistics change (forward passes in training mode, no gradients). Returns the
+    number of batches used.
     """
     bns = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
     if not bns:
         return 0
     momenta = [bn.momentum for bn in bns]
+    statistics = {id(v) for bn in bns for v in (bn.moving_mean, bn.moving_variance)}
+    # other state that training-mode calls advance (the PGU-Net's fade-in step counters)
+    others = [(v, ops.convert_to_numpy(v)) for v in model.non_trainable_variables
+              if id(v) not in statistics]
     for bn in bns:
         bn.moving_mean.assign(ops.zeros(bn.moving_mean.shape, bn.moving_mean.dtype))
         bn.moving_variance.assign(ops.ones(bn.moving_variance.shape, bn.moving_variance.dtype))
     used = 0
     try:
-        for batch in batches:
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            for bn in bns:  # new = old·(k-1)/k + batch/k : the running mean of batch statistics
-                bn.momentum = used / (used + 1.0)
-            model(x, training=True)
-            used += 1
-            if max_batches is not None and used >= max_batches:
-                break
+        with _no_gradients():
+            for batch in batches:
+                x = batch[0] if isinstance(batch, (tuple, list)) else batch
+                for bn in bns:  # new = old·(k-1)/k + batch/k : the running mean of batch statistics
+                    bn.momentum = used / (used + 1.0)
+                model(x, training=True)
+                used += 1
+                if max_batches is not None and used >= max_batches:
+                    break
     finally:
         for bn, m in zip(bns, momenta):
             bn.momentum = m
+        for v, value in others:
+            v.assign(value)
     return used
+
+
+class PreciseBatchNorm(keras.callbacks.Callback):
+    """Before every validation pass of ``fit``, re-estimate each BatchNorm's moving mean and
+    variance over ``batches`` training batches with the weights as they are (precise BN; Wu &
+    Johnson, "Rethinking 'Batch' in BatchNorm", 2021), so validation, checkpoints and the final
+    model predict in inference mode as the network computes in training mode.
+
+    Why: the moving statistics are an exponential average (PyTorch's momentum 0.1) that starts
+    at mean 0 / variance 1 and trails the weights by about ten steps. Early in a run, and after
+    each PGU-Net growth (fresh layers whose true variance is ~0.05), they describe a network
+    that no longer exists: measured on the Pap-smear set after stage 1's first 10 steps, Dice
+    0.44 in inference mode against 0.76 in training mode, 0.75 after re-estimation.
+
+    ``dataset``: the training :class:`~xsight_keras.data.SegmentationDataset`; the batches are
+    its samples of the current epoch (with the epoch's augmentation) at indices drawn by
+    ``(seed, epoch)``, the same on every data-parallel rank, so every rank ends up with the
+    same statistics. ``batch_size``: images per forward pass (the training batch). Costs
+    ``batches`` forward passes per epoch; ``batches=0`` disables it.
+    """
+
+    def __init__(self, dataset, batch_size: int, batches: int = 8, seed: int = 0):
+        super().__init__()
+        self.dataset, self.batch_size = dataset, int(batch_size)
+        self.batches, self.seed = int(batches), seed
+        self._epoch, self._fitting = 0, False
+
+    def on_train_begin(self, logs=None):
+        self._fitting = True
+
+    def on_train_end(self, logs=None):
+        self._fitting = False
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def _batches(self):
+        n = len(self.dataset)
+        order = np.random.default_rng([self.seed, self._epoch, 0x62_6E]).permutation(n)
+        for b in range(self.batches):
+            index = [int(order[(b * self.batch_size + j) % n]) for j in range(self.batch_size)]
+            yield np.stack([self.dataset.sample(self._epoch, i)[0] for i in index])
+
+    def on_test_begin(self, logs=None):
+        if self._fitting and self.batches:  # a validation pass inside fit, not a user's evaluate
+            update_batch_norm(self.model, self._batches())
 
 
 def _save_epoch_model(model, path: Path, ema, epoch: int, refused: str) -> bool:
@@ -306,13 +370,16 @@ class TTAValidation(keras.callbacks.Callback):
 
     Adds ``val_tta_mean_fg_dice``, ``val_tta_mean_dice`` and ``val_tta_dice_<class>`` to the logs
     (place it before checkpoints and loggers). ``dataset``: a prepared split; ``preprocess``: the
-    run's :class:`PreprocessConfig`; ``transforms``: TTA spec (default all 8).
+    run's :class:`PreprocessConfig`; ``transforms``: TTA spec (default all 8); ``resize_to``:
+    the size training resized whole images to (:class:`Predictor`'s), ``None`` for crops.
     """
 
-    def __init__(self, dataset, preprocess, transforms="all", tile_size=256, limit=None, ema=None):
+    def __init__(self, dataset, preprocess, transforms="all", tile_size=256, limit=None, ema=None,
+                 resize_to=None):
         super().__init__()
         self.dataset, self.preprocess, self.transforms = dataset, preprocess, transforms
         self.tile_size, self.limit, self.ema = tile_size, limit, ema
+        self.resize_to = resize_to
 
     def on_epoch_end(self, epoch, logs=None):
         if logs is None:
@@ -320,7 +387,7 @@ class TTAValidation(keras.callbacks.Callback):
         context = self.ema.applied() if self.ema is not None else contextlib.nullcontext()
         with context:
             predictor = Predictor(self.model, self.preprocess, tile_size=self.tile_size,
-                                  tta=self.transforms)
+                                  tta=self.transforms, resize_to=self.resize_to)
             scores = score_split(predictor, self.dataset, progress=False, limit=self.limit)["scores"]
         logs["val_tta_mean_fg_dice"] = scores["mean_fg_dice"]
         logs["val_tta_mean_dice"] = scores["mean_dice"]

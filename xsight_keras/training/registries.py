@@ -48,11 +48,11 @@ def _attention_unet(config, stage=None):
 
 
 @MODELS.register("progressive_unet")
-def _progressive_unet(config, stage=None):
+def _progressive_unet(config, stage=None, fade_in=False):
     return progressive_unet(stage or config.stages[0], config.in_channels, config.num_classes,
                             base_filters=config.base_filters, dropout=config.dropout,
                             instance_head=config.instance_head, heads=config.heads,
-                            data_format=config.data_format)
+                            data_format=config.data_format, fade_in=fade_in)
 
 
 def _axis(config) -> int:

@@ -18,12 +18,13 @@ from xsight_keras.data.demo import write_demo_dataset
 from xsight_keras.heads import get_head, is_class_map, output_names, primary_class_map
 from xsight_keras.labels import label_names
 from xsight_keras.models import get_encoder, grow
-from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS
+from xsight_keras.models.progressive_unet import STAGE_RESOLUTIONS, settle
 from xsight_keras.rundir import RunDir
 from xsight_keras.training.callbacks import (
     BestCheckpoint,
     EpochCheckpoint,
     ExponentialMovingAverage,
+    PreciseBatchNorm,
     ResumableEarlyStopping,
     ScheduleLogger,
     StochasticWeightAveraging,
@@ -155,9 +156,10 @@ def _fetch_encoder_weights(config: RunConfig) -> None:
         get_encoder(config.encoder).weights_file(config.encoder_weights)
 
 
-def build_model(config: RunConfig, stage: int | None = None) -> keras.Model:
-    """The model the configuration describes (PGU-Net at ``stage``, default the first)."""
-    return MODELS.build(config.model, config, stage)
+def build_model(config: RunConfig, stage: int | None = None, **kwargs) -> keras.Model:
+    """The model the configuration describes (PGU-Net at ``stage``, default the first;
+    ``kwargs`` go to the model's builder, e.g. the PGU-Net's ``fade_in``)."""
+    return MODELS.build(config.model, config, stage, **kwargs)
 
 
 def build_loss(config: RunConfig, pixel_counts=None):
@@ -220,7 +222,7 @@ def _datasets(config, train_split, val_split, model, size=None, batch_size=None,
     epoch has :func:`samples_per_epoch` samples."""
     pre = config.preprocess
     target = "binary" if config.num_classes == 1 else "onehot"
-    train_size = size or (config.size_schedule if config.progressive else config.input_size)
+    train_size = size or (config.size_schedule if config.grows else config.input_size)
     outputs = output_names(model) if isinstance(model.output, dict) else None
     common = dict(preprocess=pre, target=target, outputs=outputs, data_format=config.data_format,
                   seed=config.seed,
@@ -230,15 +232,33 @@ def _datasets(config, train_split, val_split, model, size=None, batch_size=None,
     train = SegmentationDataset(train_split, size=train_size, level=config.aug_schedule,
                                 resize_mode=config.resize_mode, train=True,
                                 samples_per_epoch=samples, **common)
-    val = SegmentationDataset(val_split, size=size or config.val_size, train=False, **common)
+    # validation sees images as training does: resized whole (to the last training size unless
+    # val_size says otherwise) when training resizes them
+    val_size = size or config.val_size
+    if val_size is None and config.resize_mode == "resize" and train.size_schedule:
+        val_size = train.size_at(max(train.size_schedule))
+    val = SegmentationDataset(val_split, size=val_size, train=False,
+                              resize_mode=config.resize_mode, **common)
     return train, val
+
+
+def pgunet_stages(config: RunConfig) -> tuple[int, ...]:
+    """The PGU-Net stages a run trains: every stage of ``config.stages`` when it grows
+    (``config.grows``), else only the last one (standard mode: the whole network at its
+    resolution from the start)."""
+    return tuple(config.stages) if config.grows else tuple(config.stages[-1:])
+
+
+def epoch_steps(config: RunConfig, num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: ``steps_per_epoch``, else the epoch's samples per global batch."""
+    return config.steps_per_epoch or num_samples // (batch_size * world_size)
 
 
 def _batch_sizes(config: RunConfig) -> list[int]:
     """Every (per-process) batch size the run uses: one, or one per PGU-Net stage."""
     if config.model == "progressive_unet":
         sizes = parse_batch_sizes(config.batch_sizes)
-        return [sizes.get(STAGE_RESOLUTIONS[s], config.batch_size) for s in config.stages]
+        return [sizes.get(STAGE_RESOLUTIONS[s], config.batch_size) for s in pgunet_stages(config)]
     return [config.batch_size]
 
 
@@ -271,7 +291,7 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     Under ``torchrun`` every rank runs this with its shard of the data; only rank 0 writes.
     """
     ctx = current_context()
-    steps = config.steps_per_epoch or len(train) // (batch_size * ctx.world_size)
+    steps = epoch_steps(config, len(train), batch_size, ctx.world_size)
     if steps < 1:
         raise ValueError(f"batch size {batch_size} × {ctx.world_size} process(es) is larger than "
                          f"the training split ({len(train)} samples)")
@@ -312,10 +332,14 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
                  ScheduleLogger(train)]
     if ema is not None:
         callbacks.append(ema)
+    if config.precise_bn_batches:
+        callbacks.append(PreciseBatchNorm(train, batch_size, config.precise_bn_batches, config.seed))
     if config.tta_val:
         # PGU-Net stage k works at 32·2^(k-1) px; the Attention U-Net needs multiples of 32
         tile = 32 * max(scales) if scales else -(-(config.val_size or 256) // 32) * 32
-        callbacks.append(TTAValidation(val.dataset, train.preprocess, tile_size=tile, ema=ema))
+        resize_to = train.size_at(epochs - 1) if config.resize_mode == "resize" else None
+        callbacks.append(TTAValidation(val.dataset, train.preprocess, tile_size=tile, ema=ema,
+                                       resize_to=resize_to))
     if swa is not None:
         callbacks.append(swa)
     checkpoint = BestCheckpoint(best_path, monitor=monitor, mode="max", ema=ema)
@@ -472,27 +496,66 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
         print(f"best checkpoint {best_path} ({monitor} = {max(history.get(monitor, [np.nan])):.4f})")
         print_class_table(last_val, class_names, prefix)
     result.seconds = time.time() - start
-    RunDir(run_dir).write_summary(
-        {"seconds": result.seconds, "best": result.best_metrics,
-         "final": {k: float(v[-1]) for k, v in history.items()}})
+    summary = {"seconds": result.seconds, "best": result.best_metrics,
+               "final": {k: float(v[-1]) for k, v in history.items()}}
+    if config.model == "progressive_unet":
+        summary["stages"] = stage_report(run_dir, pgunet_stages(config), monitor)
+    RunDir(run_dir).write_summary(summary)
     return result
 
 
+def stage_report(run_dir, stages, monitor: str) -> dict:
+    """Per PGU-Net stage, from its ``history_stage_<k>.csv``: resolution, epochs, the validation
+    score (``monitor``) after the stage's first epoch and its best; printed as a table and
+    returned as ``{stage: {...}}`` (for ``summary.json``)."""
+    import csv
+
+    report = {}
+    for stage in stages:
+        path = RunDir(run_dir).history_csv(stage)
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            scores = [float(row[monitor]) for row in csv.DictReader(f) if row.get(monitor)]
+        if scores:
+            report[str(stage)] = {"resolution": STAGE_RESOLUTIONS[stage], "epochs": len(scores),
+                                  "first_epoch": scores[0], "best": max(scores)}
+    print(f"{'stage':>5s} {'size':>5s} {'epochs':>6s} {'first epoch':>11s} {'best':>7s}  ({monitor})")
+    for stage, r in report.items():
+        print(f"{stage:>5s} {r['resolution']:>5d} {r['epochs']:>6d} {r['first_epoch']:>11.4f} "
+              f"{r['best']:>7.4f}")
+    return report
+
+
 def _train_progressive(config, train_split, val_split, run_dir, class_names, ema, swa, state=None):
-    """PGU-Net: train each stage at its resolution and batch size, then grow with weight transfer."""
+    """PGU-Net: train each stage at its resolution and batch size (its own learning-rate
+    schedule), then grow with weight transfer and fade the new level in. Without
+    ``config.grows`` (standard mode) only the last stage, built whole, for ``epochs_per_stage``
+    epochs."""
     batch_sizes = parse_batch_sizes(config.batch_sizes)
+    stages = pgunet_stages(config)
+    world_size = current_context().world_size
+    batches = {s: batch_sizes.get(STAGE_RESOLUTIONS[s], config.batch_size) for s in stages}
+    steps = {s: epoch_steps(config, samples_per_epoch(config, len(train_split), batches[s],
+                                                      world_size) or len(train_split),
+                            batches[s], world_size) for s in stages}
     model, merged = None, {}
-    for stage in config.stages:
-        resolution = STAGE_RESOLUTIONS[stage]
+    for stage in stages:
+        resolution, batch = STAGE_RESOLUTIONS[stage], batches[stage]
         stage_state = None
+        fade = 0  # training steps over which a grown stage fades its new level in
+        if stage != stages[0] and config.fade_in_epochs:
+            fade = max(round(config.fade_in_epochs * steps[stage]), 1)
         if state is not None:
             if stage < state["stage"]:
                 continue  # finished before the interruption; its weights live on in the state
             if stage == state["stage"]:
                 stage_state = state
                 merged = state["history"]
-        model = build_model(config, stage) if model is None else grow(model)
-        batch = batch_sizes.get(resolution, config.batch_size)
+        if model is None:  # the first stage, or the stage a resumed run was in (its state)
+            model = build_model(config, stage, fade_in=fade)
+        else:
+            model = grow(model, fade_in=fade)
         train, val = _datasets(config, train_split, val_split, model, size=resolution,
                                batch_size=batch, world_size=current_context().world_size)
         print(f"PGU-Net stage {stage}: {resolution}×{resolution}, batch {batch}, "
@@ -500,6 +563,7 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
         history, best_path, monitor, _, train_loader = _fit(
             model, config, train, val, batch, config.epochs_per_stage, run_dir, class_names,
             ema, swa, tag=f"_stage_{stage}", stage=stage, state=stage_state, history_before=merged)
+        model = settle(model)  # the faded-in level is the plain stage now: drop the old stem
         merged = history
         if ema is not None:
             ema.shadow = None  # the next stage has new weights: restart the average
