@@ -337,7 +337,7 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     if config.tta_val:
         # PGU-Net stage k works at 32·2^(k-1) px; the Attention U-Net needs multiples of 32
         tile = 32 * max(scales) if scales else -(-(config.val_size or 256) // 32) * 32
-        resize_to = train.size_at(epochs - 1) if config.resize_mode == "resize" else None
+        resize_to = val.size_at(0) if config.resize_mode == "resize" else None  # as validated
         callbacks.append(TTAValidation(val.dataset, train.preprocess, tile_size=tile, ema=ema,
                                        resize_to=resize_to))
     if swa is not None:
