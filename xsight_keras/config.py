@@ -112,6 +112,9 @@ class RunConfig:
     epochs_per_stage: int = 10
     batch_sizes: str = "32:64,64:32,128:16,256:8"  # resolution:batch size
     fade_in_epochs: float = 1.0  # each new level blends in over this many epochs (0: at once)
+    # peak learning rate of every stage after the first, as a fraction of lr: the transferred
+    # levels are trained already, and a full warm-up to lr undoes part of what they learnt
+    grown_lr_factor: float = 1.0
     scale_loss_weights: tuple[float, ...] = (1.0, 0.5, 0.25, 0.125)  # fused, then coarser scales
     # logging
     tensorboard_images: int = 3
@@ -284,6 +287,9 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"fade_in_epochs must be between 0 (off) and epochs_per_stage "
                          f"({config.epochs_per_stage}): a new level fades in within its stage, "
                          f"got {config.fade_in_epochs}")
+    if not 0 < config.grown_lr_factor <= 1:
+        raise ValueError(f"grown_lr_factor must be in (0, 1] (the grown stages' peak learning "
+                         f"rate as a fraction of lr), got {config.grown_lr_factor}")
     if config.precise_bn_batches < 0:
         raise ValueError(f"precise_bn_batches must be 0 (off) or a number of batches, got "
                          f"{config.precise_bn_batches}")

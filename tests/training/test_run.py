@@ -104,9 +104,13 @@ def test_progressive_unet_run_goes_through_all_four_stages(demo_data, tmp_path, 
     config = load_config("papsmear", overrides={
         "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": "pgu",
         "epochs_per_stage": 1, "base_filters": 4, "batch_sizes": "32:4,64:4,128:4,256:4",
+        "grown_lr_factor": 0.5,
     })
     result = train(config)
     run = tmp_path / "pgu"
+    # every stage has its own schedule (same steps here); the grown stages peak at lr × 0.5
+    lrs = result.history["lr"]
+    np.testing.assert_allclose(lrs[1:], [0.5 * lrs[0]] * 3, rtol=1e-5)
     for stage in (1, 2, 3, 4):
         assert (run / f"best_stage_{stage}.keras").is_file()
         assert (run / f"history_stage_{stage}.csv").is_file()
@@ -175,7 +179,8 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
     with pytest.raises(ValueError, match="attention_unet setting"):
         load_config("papsmear", overrides={"heads": "hv", "head_branch_stages": 1})
     for overrides, message in (({"fade_in_epochs": 3, "epochs_per_stage": 2}, "within its stage"),
-                               ({"precise_bn_batches": -1}, "precise_bn_batches must be 0")):
+                               ({"precise_bn_batches": -1}, "precise_bn_batches must be 0"),
+                               ({"grown_lr_factor": 0}, r"grown_lr_factor must be in \(0, 1\]")):
         with pytest.raises(ValueError, match=message):
             load_config("papsmear", overrides=overrides)
 

@@ -32,7 +32,7 @@ FLAGS = {
     "instance_head": bool, "heads": str, "samples_per_epoch": int, "crops_per_image": float,
     "lr_scaling": str, "cpu_malloc_tuning": bool, "head_branch_stages": int,
     "instance_loss_weight": float, "hover_loss_weight": float, "save_every_epochs": int,
-    "precise_bn_batches": int, "fade_in_epochs": float,
+    "precise_bn_batches": int, "fade_in_epochs": float, "grown_lr_factor": float,
 }
 
 

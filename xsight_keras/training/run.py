@@ -170,13 +170,14 @@ def build_loss(config: RunConfig, pixel_counts=None):
     return LOSSES.build(config.loss, config, weights)
 
 
-def build_optimizer(config: RunConfig, steps_per_epoch: int, epochs: int, world_size: int = 1):
+def build_optimizer(config: RunConfig, steps_per_epoch: int, epochs: int, world_size: int = 1,
+                    lr_factor: float = 1.0):
     """The configured optimizer (AdamW/Adam: Keras' arithmetic, PyTorch's fused kernel on the
     torch backend, see :mod:`.optimizers`) with the configured schedule and global-norm gradient
-    clipping; the peak learning rate is scaled for ``world_size`` processes by
-    ``config.lr_scaling``."""
+    clipping; the peak learning rate is ``config.lr × lr_factor``, scaled for ``world_size``
+    processes by ``config.lr_scaling``."""
     total = max(steps_per_epoch * epochs, 1)
-    peak = scaled_learning_rate(config.lr, world_size, config.lr_scaling)
+    peak = scaled_learning_rate(config.lr * lr_factor, world_size, config.lr_scaling)
     lr = SCHEDULES.build(config.lr_schedule, config, peak, total, steps_per_epoch)
     return OPTIMIZERS.build(config.optimizer, config, lr)
 
@@ -285,8 +286,9 @@ def _class_names(config, train_split):
 
 
 def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, ema, swa, tag="",
-         stage=None, state=None, history_before=None):
-    """Compile and fit one model (one PGU-Net stage); resume from ``state`` when given.
+         stage=None, state=None, history_before=None, lr_factor=1.0):
+    """Compile and fit one model (one PGU-Net stage, its peak learning rate ``lr × lr_factor``);
+    resume from ``state`` when given.
 
     Under ``torchrun`` every rank runs this with its shard of the data; only rank 0 writes.
     """
@@ -316,7 +318,7 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
         monitor = "val_mean_fg_dice"
     # jit_compile False → Keras' "auto": XLA on JAX (eager JAX is slow and deadlocks under
     # DataParallel), eager on torch, where torch.compile did not pay off (README, Performance)
-    model.compile(optimizer=build_optimizer(config, steps, epochs, ctx.world_size),
+    model.compile(optimizer=build_optimizer(config, steps, epochs, ctx.world_size, lr_factor),
                   jit_compile=True if config.jit_compile else "auto", **compile_kwargs)
     initial_epoch = state["epoch"] + 1 if state else 0
     shard = {"rank": ctx.rank, "world_size": ctx.world_size}
@@ -558,11 +560,14 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
             model = grow(model, fade_in=fade)
         train, val = _datasets(config, train_split, val_split, model, size=resolution,
                                batch_size=batch, world_size=current_context().world_size)
+        lr_factor = 1.0 if stage == stages[0] else config.grown_lr_factor
         print(f"PGU-Net stage {stage}: {resolution}×{resolution}, batch {batch}, "
-              f"{config.epochs_per_stage} epochs, {model.count_params():,} parameters")
+              f"{config.epochs_per_stage} epochs, peak lr {config.lr * lr_factor:g}, "
+              f"{model.count_params():,} parameters")
         history, best_path, monitor, _, train_loader = _fit(
             model, config, train, val, batch, config.epochs_per_stage, run_dir, class_names,
-            ema, swa, tag=f"_stage_{stage}", stage=stage, state=stage_state, history_before=merged)
+            ema, swa, tag=f"_stage_{stage}", stage=stage, state=stage_state, history_before=merged,
+            lr_factor=lr_factor)
         model = settle(model)  # the faded-in level is the plain stage now: drop the old stem
         merged = history
         if ema is not None:
