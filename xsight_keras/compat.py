@@ -194,6 +194,7 @@ def set_early_stopping_state(callback: keras.callbacks.EarlyStopping, state: dic
     ``on_train_begin`` (so call this after it) and nowhere else.
     """
     callback.wait = int(state["wait"])
-    callback.best = float(state["best"])
+    # None until the first epoch ends (a resume point written inside it)
+    callback.best = None if state["best"] is None else float(state["best"])
     callback.best_epoch = int(state["best_epoch"])
     callback.best_weights = state.get("best_weights")

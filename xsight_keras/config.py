@@ -119,6 +119,8 @@ class RunConfig:
     # logging
     tensorboard_images: int = 3
     save_every_epochs: int | None = None  # also keep epoch_NNN.keras every N epochs (EMA weights)
+    # also write a mid-epoch resume point every N minutes (jobs killed without a warning signal)
+    checkpoint_every_minutes: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -279,7 +281,8 @@ def validate_config(config: RunConfig) -> None:
     if pre.zscore == "dataset" and len(pre.mean) != config.in_channels:
         raise ValueError(f"preprocess: zscore 'dataset' has {len(pre.mean)} channel means for "
                          f"in_channels {config.in_channels}")
-    for key in ("steps_per_epoch", "samples_per_epoch", "crops_per_image", "save_every_epochs"):
+    for key in ("steps_per_epoch", "samples_per_epoch", "crops_per_image", "save_every_epochs",
+                "checkpoint_every_minutes"):
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"{key} must be positive (or unset), got {value}")

@@ -10,6 +10,7 @@
     <run>/postprocess.json     tuned watershed settings (tune_postprocessing)
     <run>/summary.json         time taken, best and final metrics (PGU-Net: per stage too)
     <run>/state/               resume point (xsight_keras.training.state)
+    <run>/run.lock             held by the live training process (xsight_keras.training.run_lock)
 
 Training writes a run through it; evaluation, prediction, post-processing tuning, figures and
 resume read it through it.

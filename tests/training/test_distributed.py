@@ -2,10 +2,15 @@
 
 import csv
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -26,6 +31,8 @@ from xsight_keras.data.loader import EpochBatchSampler
 from xsight_keras.data.preprocess import preprocess_image
 from xsight_keras.rundir import RunDir
 from xsight_keras.training.distributed import scaled_learning_rate
+from xsight_keras.training.preemption import child_processes
+from xsight_keras.training.state import load_state
 
 WORKER = ROOT / "tests" / "training" / "ddp_worker.py"
 
@@ -240,6 +247,41 @@ def test_torchrun_resume_ends_where_an_uninterrupted_run_ends(tmp_path):
         np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-4, atol=1e-5)
     for name in ("final.keras", "best.keras", "swa.keras"):
         assert_same_weights(saved_weights(whole / name), saved_weights(split / name),
+                            rtol=1e-4, atol=1e-5, what=name)
+
+    # SIGTERM to rank 1 alone, early in the first epoch: both ranks stop after the same step
+    # and write one mid-epoch resume point (every rank's metric sums); resumed under torchrun,
+    # the run ends as the uninterrupted one
+    stopped, dump = runs / "stopped", tmp_path / "stopped"
+    dump.mkdir()
+    proc = _start_torchrun(dump, "-", *common, "--experiment_name", "stopped", "--epochs", 2,
+                           "--lr_scaling", "sqrt")
+    try:
+        deadline = time.time() + 300
+        while not (dump / "start_rank1.npz").exists() and time.time() < deadline:
+            time.sleep(0.02)
+        rank1 = [pid for pid in child_processes(proc.pid)
+                 if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+        assert len(rank1) == 1, "rank 1's process not found"
+        os.kill(rank1[0], signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    steps = re.findall(r"stopped by SIGTERM at epoch 1, step (\d+)", out + err)
+    assert len(steps) == 2 and steps[0] == steps[1], (out + err)[-4000:]  # one message per rank
+    assert "exitcode  : 143" in out + err or "exit code 143" in out + err, (out + err)[-4000:]
+    partial = load_state(stopped)["partial"]
+    assert partial["ranks"] == 2 and partial["steps"] == int(steps[0])
+    dump = tmp_path / "stopped_resumed"
+    dump.mkdir()
+    _torchrun(dump, "-", "--resume", stopped)
+    _assert_ranks_agree(dump)
+    rows = [_history(run) for run in (whole, stopped)]
+    assert len(rows[1]) == 2
+    for a, b in zip(*rows):
+        np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-4, atol=1e-5)
+    for name in ("final.keras", "best.keras", "swa.keras"):
+        assert_same_weights(saved_weights(whole / name), saved_weights(stopped / name),
                             rtol=1e-4, atol=1e-5, what=name)
 
 

@@ -121,6 +121,9 @@ def test_progressive_unet_run_goes_through_all_four_stages(demo_data, tmp_path, 
     summary = json.loads((run / "summary.json").read_text())
     assert list(summary["stages"]) == ["1", "2", "3", "4"]
     assert summary["stages"]["4"]["resolution"] == 256 and summary["stages"]["1"]["epochs"] == 1
+    # each grown stage is scored before its first step (the previous stage at its resolution)
+    assert "at_growth" not in summary["stages"]["1"]
+    assert all(0 <= summary["stages"][k]["at_growth"] <= 1 for k in "234")
     # validation sees each stage's images as training does (resize_mode resize): whole images
     # resized to 32, 64, 128, 256 px, not crops of those sizes at the stored scale
     sizes = [item[2].shape[-1] for item in served["valid"]]

@@ -7,8 +7,10 @@
     xsight-train --resume outputs/pannuke_r1      # after a crash or a kill
 
 Every flag overrides the preset's value; the resolved configuration is written to
-outputs/<experiment_name>/config.json. Missing data or bad settings exit with status 2, a NaN or
-infinite loss with status 3.
+outputs/<experiment_name>/config.json. Exit statuses: 0 done; 2 missing data, bad settings, or a
+run directory another live run holds; 3 a NaN or infinite loss; 4 a write the disk refused (full,
+over quota: the previous checkpoint and resume point are kept); 128 + N when stopped by signal N
+after writing a resume point (143 SIGTERM, 130 SIGINT, 138 SIGUSR1; --resume continues it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ FLAGS = {
     "lr_scaling": str, "cpu_malloc_tuning": bool, "head_branch_stages": int,
     "instance_loss_weight": float, "hover_loss_weight": float, "save_every_epochs": int,
     "precise_bn_batches": int, "fade_in_epochs": float, "grown_lr_factor": float,
+    "checkpoint_every_minutes": float,
 }
 
 
@@ -55,8 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k in FLAGS and v is not None}
+    from xsight_keras.files import WRITE_ERRNOS, write_failure
     from xsight_keras.training.callbacks import NonFiniteLossError
+    from xsight_keras.training.preemption import TrainingStopped
     from xsight_keras.training.run import DataNotFoundError, train
+    from xsight_keras.training.run_lock import RunDirectoryInUse
 
     try:
         if args.resume:
@@ -70,12 +76,23 @@ def main(argv=None) -> int:
         else:
             config = load_config(args.preset, args.config, overrides)
         result = train(config, resume=bool(args.resume))
+    except TrainingStopped as exc:
+        print(str(exc), file=sys.stderr)
+        return exc.exit_status
     except NonFiniteLossError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (DataNotFoundError, FileNotFoundError, FileExistsError, PermissionError, ValueError) as exc:
+    except (DataNotFoundError, FileNotFoundError, FileExistsError, PermissionError, ValueError,
+            RunDirectoryInUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in WRITE_ERRNOS:
+            raise
+        failure = write_failure(exc.filename or config.run_dir, exc)  # e.g. from Keras' CSVLogger
+        print(f"error: {failure}. Free some space, then continue with --resume "
+              f"{config.run_dir}", file=sys.stderr)
+        return 4
     print(f"run directory: {result.run_dir} ({result.seconds:.0f} s)")
     return 0
 

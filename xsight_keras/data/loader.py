@@ -292,9 +292,15 @@ class EpochBatchSampler(Sampler):
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = start_epoch
+        self.skip = {}  # epoch → steps already trained before a mid-epoch resume point
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, steps: int) -> None:
+        """Passes over ``epoch`` start after its first ``steps`` batches (those a run trained
+        before its mid-epoch resume point); the batches after them are the same as ever."""
+        self.skip[int(epoch)] = int(steps)
 
     def _shard_length(self) -> int:
         return len(range(self.rank, self.num_samples, self.world_size))
@@ -317,8 +323,9 @@ class EpochBatchSampler(Sampler):
         else:
             shard = order[self.rank::self.world_size]
             batches = (shard[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self)))
-        for batch in batches:
-            yield [(epoch, int(i)) for i in batch]
+        for b, batch in enumerate(batches):
+            if b >= self.skip.get(epoch, 0):
+                yield [(epoch, int(i)) for i in batch]
 
 
 class BatchCollator:
@@ -380,3 +387,12 @@ def make_loader(dataset: SegmentationDataset, batch_size: int, *, shuffle: bool 
         worker_init_fn=_worker_init if num_workers > 0 else None,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def close_loader(loader: DataLoader) -> None:
+    """Shut down the worker processes of ``loader`` now (persistent workers otherwise live until
+    the loader is garbage-collected, or past a crashed trainer)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    loader._iterator = None

@@ -12,6 +12,7 @@ import numpy as np
 from keras import ops
 
 from xsight_keras.compat import all_layers, set_early_stopping_state
+from xsight_keras.files import write_failure
 from xsight_keras.inference.predictor import Predictor, class_probabilities
 from xsight_keras.inference.scoring import score_split
 from xsight_keras.labels import colourise
@@ -26,7 +27,8 @@ def save_model_atomically(model: keras.Model, path) -> Path:
     """Save ``model`` to ``path`` (``.keras``) through a temporary file and an atomic rename.
 
     Refuses (``ValueError``) to save non-finite weights, so a NaN never replaces a good file.
-    A crash during the write leaves the previous file intact.
+    A crash during the write leaves the previous file intact; a write the disk refuses (full,
+    over quota) raises :class:`~xsight_keras.files.WriteFailedError` naming the file.
     """
     path = Path(path)
     if not _is_finite(model):
@@ -35,8 +37,10 @@ def save_model_atomically(model: keras.Model, path) -> Path:
     try:
         model.save(tmp)
         os.replace(tmp, path)
-    except BaseException:  # interrupted or failed: the previous file stays, the partial one goes
+    except BaseException as exc:  # interrupted or failed: the previous file stays, the partial one goes
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise write_failure(path, exc) from exc  # a full disk: a message, not a traceback
         raise
     return path
 

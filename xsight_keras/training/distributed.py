@@ -70,6 +70,29 @@ class DistributedContext:
         return bool(t.item() > 0)
 
 
+    def max_of(self, *values: float) -> tuple[float, ...]:
+        """The largest of each value over the ranks (one collective for all of them; every rank
+        must call it)."""
+        if not self.is_distributed:
+            return tuple(float(v) for v in values)
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(v) for v in values], device=_collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(float(v) for v in t.cpu().tolist())
+
+    def gather(self, obj) -> list:
+        """``obj`` of every rank, in rank order (a picklable object; a collective)."""
+        if not self.is_distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+
 _CONTEXT = DistributedContext()
 
 

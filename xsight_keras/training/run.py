@@ -6,6 +6,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 from xsight_keras.config import RunConfig, parse_batch_sizes
 from xsight_keras.data import PreparedDataset, SegmentationDataset, make_loader
 from xsight_keras.data.demo import write_demo_dataset
+from xsight_keras.data.loader import close_loader
 from xsight_keras.heads import get_head, is_class_map, output_names, primary_class_map
 from xsight_keras.labels import label_names
 from xsight_keras.models import get_encoder, grow
@@ -44,7 +46,9 @@ from xsight_keras.training.distributed import (
 from xsight_keras.training.host_memory import keep_freed_memory_in_process
 from xsight_keras.training.losses import class_weights_from_counts, multiscale_losses
 from xsight_keras.training.metrics import segmentation_metrics
+from xsight_keras.training.preemption import StopSignals
 from xsight_keras.training.registries import LOSSES, MODELS, OPTIMIZERS, SCHEDULES, head_loss
+from xsight_keras.training.run_lock import LOCK_FILE, RunDirectoryInUse, RunLock
 from xsight_keras.training.state import (
     EpochSeeder,
     SyncLoaderEpoch,
@@ -184,11 +188,13 @@ def build_optimizer(config: RunConfig, steps_per_epoch: int, epochs: int, world_
 
 def _prepare_run_dir(config: RunConfig) -> Path:
     run_dir = config.run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
+    entries = [p for p in run_dir.iterdir() if p.name != LOCK_FILE] if run_dir.exists() else []
+    if entries:
         if not config.overwrite:
             raise FileExistsError(f"run directory {run_dir} already exists; choose another "
                                   f"--experiment_name or pass --overwrite")
-        shutil.rmtree(run_dir)
+        for entry in entries:  # all but the lock this run holds
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / ".write_test").write_text("ok")
@@ -286,9 +292,12 @@ def _class_names(config, train_split):
 
 
 def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, ema, swa, tag="",
-         stage=None, state=None, history_before=None, lr_factor=1.0):
+         stage=None, state=None, history_before=None, lr_factor=1.0, stop=None, at_start=None):
     """Compile and fit one model (one PGU-Net stage, its peak learning rate ``lr × lr_factor``);
-    resume from ``state`` when given.
+    resume from ``state`` when given (a mid-epoch resume point: from its step). ``stop``: the
+    run's :class:`~.preemption.StopSignals`, polled after every step. ``at_start``: a dict that
+    receives ``{stage: monitored validation score before the first step}`` (a grown PGU-Net
+    stage: what the previous stage's weights give at the new resolution; not on a resume).
 
     Under ``torchrun`` every rank runs this with its shard of the data; only rank 0 writes.
     """
@@ -320,7 +329,8 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     # DataParallel), eager on torch, where torch.compile did not pay off (README, Performance)
     model.compile(optimizer=build_optimizer(config, steps, epochs, ctx.world_size, lr_factor),
                   jit_compile=True if config.jit_compile else "auto", **compile_kwargs)
-    initial_epoch = state["epoch"] + 1 if state else 0
+    partial = state.get("partial") if state else None
+    initial_epoch = partial["epoch"] if partial else state["epoch"] + 1 if state else 0
     shard = {"rank": ctx.rank, "world_size": ctx.world_size}
     train_loader = make_loader(train, batch_size, num_workers=config.num_workers,
                                mixup_alpha=config.mixup_alpha, start_epoch=initial_epoch, **shard)
@@ -328,6 +338,12 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     if len(train_loader) != steps:  # the schedule was built for `steps`: never train fewer
         raise RuntimeError(f"the training loader has {len(train_loader)} batches per epoch, the "
                            f"learning-rate schedule was built for {steps}")
+    if partial:
+        if partial["ranks"] != ctx.world_size:
+            raise ValueError(f"the resume point was written by {partial['ranks']} process(es) in "
+                             f"the middle of epoch {partial['epoch'] + 1}; resume it with as many")
+        train_loader.batch_sampler.resume_at(partial["epoch"], partial["steps"])
+        print(f"resuming epoch {partial['epoch'] + 1} after its step {partial['steps']}")
     run = RunDir(run_dir)
     best_path, csv_path = run.checkpoint("best", stage), run.history_csv(stage)
     callbacks = [EpochSeeder(config.seed), SyncLoaderEpoch(train_loader), StopOnNonFiniteLoss(ctx),
@@ -373,11 +389,24 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
     install_data_parallel(model, ctx)  # after restoring: every rank starts from rank 0's state
     recorder = TrainingState(run_dir, stage, ema, swa, checkpoint, early_stopping,
                              history=history_before or {}, stage_history=stage_history,
-                             write=ctx.is_primary)
+                             write=ctx.is_primary, stop=stop, context=ctx, partial=partial)
     callbacks.append(recorder)  # last: it saves what the callbacks before it have done
-    model.fit(train_loader, validation_data=val_loader, epochs=epochs, initial_epoch=initial_epoch,
-              callbacks=callbacks,
-              verbose=2 if ctx.is_primary else 0)
+    if at_start is not None and state is None:
+        scores = model.evaluate(val_loader, return_dict=True, verbose=0)
+        at_start[stage] = float(scores[monitor.removeprefix("val_")])
+        if ctx.is_primary:
+            print(f"stage {stage} before training: {monitor} {at_start[stage]:.4f}")
+    try:
+        with warnings.catch_warnings():
+            # a resumed epoch is short by the steps trained before its resume point; Keras warns
+            # that the loader "ran out of data" and goes on with the next epoch at full length
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            model.fit(train_loader, validation_data=val_loader, epochs=epochs,
+                      initial_epoch=initial_epoch, callbacks=callbacks,
+                      verbose=2 if ctx.is_primary else 0)
+    except BaseException:
+        close_loader(train_loader)  # no worker process outlives a stopped or failed run
+        raise
     if ctx.is_primary and csv_path.is_file() and csv_path.stat().st_size:
         plot_history(csv_path, run_dir / f"curves{tag}.png")
     return recorder.history, best_path, monitor, val_loader, train_loader
@@ -449,6 +478,25 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
     train_split, val_split = splits if ctx.is_primary else resolve_splits(config)
     class_names = _class_names(config, train_split)
     _check_batch_sizes(config, len(train_split), ctx.world_size)
+    lock = RunLock(config.run_dir)
+    refused = None
+    if ctx.is_primary:  # one holder per job: rank 0 (the one that writes)
+        try:
+            lock.acquire(create=not resume)
+        except (RunDirectoryInUse, OSError) as exc:
+            refused = exc
+    if ctx.any(refused is not None):  # every rank stops, not only the one that saw why
+        raise refused or RunDirectoryInUse(f"rank 0 could not lock {config.run_dir} (see its "
+                                           f"message)")
+    try:
+        with StopSignals(config.checkpoint_every_minutes) as stop:
+            return _train_locked(config, resume, ctx, start, train_split, val_split, class_names,
+                                 stop)
+    finally:
+        lock.release()
+
+
+def _train_locked(config, resume, ctx, start, train_split, val_split, class_names, stop):
     state = load_state(config.run_dir) if resume else None
     run_dir = config.run_dir
     if not resume and ctx.is_primary:
@@ -472,24 +520,28 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
     ema = ExponentialMovingAverage(config.ema_decay) if config.use_ema else None
     swa = StochasticWeightAveraging(config.swa_start_epoch) if config.use_swa else None
     if config.model == "progressive_unet":
-        history, best_path, monitor, model, train_loader = _train_progressive(
-            config, train_split, val_split, run_dir, class_names, ema, swa, state)
+        history, best_path, monitor, model, train_loader, at_growth = _train_progressive(
+            config, train_split, val_split, run_dir, class_names, ema, swa, state, stop)
     else:
         model = build_model(config)
         train, val = _datasets(config, train_split, val_split, model,
                                world_size=current_context().world_size)
         history, best_path, monitor, _, train_loader = _fit(
             model, config, train, val, config.batch_size, config.epochs, run_dir, class_names, ema,
-            swa, state=state)
+            swa, state=state, stop=stop)
     if not ctx.is_primary:  # rank 0 writes the final files and the summary
+        close_loader(train_loader)
         return RunResult(run_dir, history, seconds=time.time() - start)
-    save_model_atomically(model, RunDir(run_dir).checkpoint("final"))
-    result = RunResult(run_dir, history)
-    if swa is not None and swa.average is not None:
-        averaged = swa.averaged_model()
-        used = update_batch_norm(averaged, train_loader, max_batches=50)
-        save_model_atomically(averaged, RunDir(run_dir).checkpoint("swa"))
-        print(f"SWA: averaged {swa.count} epochs, BatchNorm re-estimated on {used} batches")
+    try:
+        save_model_atomically(model, RunDir(run_dir).checkpoint("final"))
+        result = RunResult(run_dir, history)
+        if swa is not None and swa.average is not None:
+            averaged = swa.averaged_model()
+            used = update_batch_norm(averaged, train_loader, max_batches=50)
+            save_model_atomically(averaged, RunDir(run_dir).checkpoint("swa"))
+            print(f"SWA: averaged {swa.count} epochs, BatchNorm re-estimated on {used} batches")
+    finally:
+        close_loader(train_loader)  # its workers end with the run, not at garbage collection
     if best_path.exists():
         last_val = {k: v[-1] for k, v in history.items() if k.startswith("val_")}
         result.best_metrics = {k: float(max(v)) for k, v in history.items()
@@ -501,15 +553,17 @@ def _train(config: RunConfig, resume: bool = False) -> RunResult:
     summary = {"seconds": result.seconds, "best": result.best_metrics,
                "final": {k: float(v[-1]) for k, v in history.items()}}
     if config.model == "progressive_unet":
-        summary["stages"] = stage_report(run_dir, pgunet_stages(config), monitor)
+        summary["stages"] = stage_report(run_dir, pgunet_stages(config), monitor, at_growth)
     RunDir(run_dir).write_summary(summary)
     return result
 
 
-def stage_report(run_dir, stages, monitor: str) -> dict:
+def stage_report(run_dir, stages, monitor: str, at_growth: dict | None = None) -> dict:
     """Per PGU-Net stage, from its ``history_stage_<k>.csv``: resolution, epochs, the validation
-    score (``monitor``) after the stage's first epoch and its best; printed as a table and
-    returned as ``{stage: {...}}`` (for ``summary.json``)."""
+    score (``monitor``) after the stage's first epoch and its best; with ``at_growth`` (stage →
+    score of the freshly grown model before its first step, i.e. the previous stage at this
+    stage's resolution) also that. Printed as a table and returned as ``{stage: {...}}`` (for
+    ``summary.json``)."""
     import csv
 
     report = {}
@@ -522,14 +576,19 @@ def stage_report(run_dir, stages, monitor: str) -> dict:
         if scores:
             report[str(stage)] = {"resolution": STAGE_RESOLUTIONS[stage], "epochs": len(scores),
                                   "first_epoch": scores[0], "best": max(scores)}
-    print(f"{'stage':>5s} {'size':>5s} {'epochs':>6s} {'first epoch':>11s} {'best':>7s}  ({monitor})")
+            if (at_growth or {}).get(stage) is not None:
+                report[str(stage)]["at_growth"] = at_growth[stage]
+    print(f"{'stage':>5s} {'size':>5s} {'epochs':>6s} {'at growth':>9s} {'first epoch':>11s} "
+          f"{'best':>7s}  ({monitor})")
     for stage, r in report.items():
-        print(f"{stage:>5s} {r['resolution']:>5d} {r['epochs']:>6d} {r['first_epoch']:>11.4f} "
-              f"{r['best']:>7.4f}")
+        grown = f"{r['at_growth']:.4f}" if "at_growth" in r else "-"
+        print(f"{stage:>5s} {r['resolution']:>5d} {r['epochs']:>6d} {grown:>9s} "
+              f"{r['first_epoch']:>11.4f} {r['best']:>7.4f}")
     return report
 
 
-def _train_progressive(config, train_split, val_split, run_dir, class_names, ema, swa, state=None):
+def _train_progressive(config, train_split, val_split, run_dir, class_names, ema, swa, state=None,
+                       stop=None):
     """PGU-Net: train each stage at its resolution and batch size (its own learning-rate
     schedule), then grow with weight transfer and fade the new level in. Without
     ``config.grows`` (standard mode) only the last stage, built whole, for ``epochs_per_stage``
@@ -541,7 +600,7 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
     steps = {s: epoch_steps(config, samples_per_epoch(config, len(train_split), batches[s],
                                                       world_size) or len(train_split),
                             batches[s], world_size) for s in stages}
-    model, merged = None, {}
+    model, merged, at_growth = None, {}, {}
     for stage in stages:
         resolution, batch = STAGE_RESOLUTIONS[stage], batches[stage]
         stage_state = None
@@ -567,7 +626,9 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
         history, best_path, monitor, _, train_loader = _fit(
             model, config, train, val, batch, config.epochs_per_stage, run_dir, class_names,
             ema, swa, tag=f"_stage_{stage}", stage=stage, state=stage_state, history_before=merged,
-            lr_factor=lr_factor)
+            lr_factor=lr_factor, stop=stop, at_start=at_growth if stage != stages[0] else None)
+        if stage != stages[-1]:
+            close_loader(train_loader)
         model = settle(model)  # the faded-in level is the plain stage now: drop the old stem
         merged = history
         if ema is not None:
@@ -575,4 +636,4 @@ def _train_progressive(config, train_split, val_split, run_dir, class_names, ema
     final_best = RunDir(run_dir).checkpoint("best")
     if current_context().is_primary:
         shutil.copyfile(best_path, final_best)
-    return merged, final_best, monitor, model, train_loader
+    return merged, final_best, monitor, model, train_loader, at_growth

@@ -7,6 +7,11 @@ early-stopping best weights) and ``state.json`` (epoch, PGU-Net stage, history s
 update count, SWA count, best-checkpoint and early-stopping counters). Random choices of the
 data pipeline are functions of ``(seed, epoch, index)`` and Keras' generators are reseeded from
 ``(seed, epoch)`` at every epoch start, so a resumed run draws what an uninterrupted one draws.
+
+A mid-epoch resume point (written on a stop signal or every ``checkpoint_every_minutes``, see
+:mod:`.preemption`) adds ``partial`` to ``state.json``: the epoch in progress, the steps done in
+it and every rank's metric sums so far (``metrics<rank>_<i>`` arrays); the resumed run skips
+those steps of the epoch's batch order and puts the sums back, so the epoch ends as it would have.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -23,7 +29,9 @@ import numpy as np
 from keras import ops
 
 from xsight_keras.compat import early_stopping_state
+from xsight_keras.files import write_failure
 from xsight_keras.rundir import STATE_DIR
+from xsight_keras.training.preemption import TrainingStopped
 
 
 def _numpy(values) -> list[np.ndarray]:
@@ -71,14 +79,21 @@ class SyncLoaderEpoch(keras.callbacks.Callback):
 
 
 class TrainingState(keras.callbacks.Callback):
-    """Write the training state at every epoch end (put it last among the callbacks).
+    """Write the training state at every epoch end (put it last among the callbacks), and a
+    mid-epoch resume point when ``stop`` (a :class:`~.preemption.StopSignals`) asks for one.
 
     ``history``: the history of the run before this ``fit`` (resumed epochs, earlier stages).
     ``write=False`` keeps the history without writing (data-parallel ranks other than 0).
+    ``partial``: the ``{"epoch", "steps", "metrics"}`` of a mid-epoch resume point this ``fit``
+    continues (its loader skips those steps; the epoch's metric sums are put back here, so the
+    epoch logs what an uninterrupted one logs). After each step the stop request is decided once
+    for all ranks (``context``); on a signal the resume point is written and
+    :class:`~.preemption.TrainingStopped` raised.
     """
 
     def __init__(self, run_dir, stage=None, ema=None, swa=None, checkpoint=None, early_stopping=None,
-                 history=None, stage_history=None, write=True):
+                 history=None, stage_history=None, write=True, stop=None, context=None,
+                 partial=None):
         super().__init__()
         self.write = write
         self.run_dir = Path(run_dir)
@@ -86,6 +101,41 @@ class TrainingState(keras.callbacks.Callback):
         self.checkpoint, self.early_stopping = checkpoint, early_stopping
         self.history = {k: list(v) for k, v in (history or {}).items()}
         self.stage_history = {k: list(v) for k, v in (stage_history or {}).items()}
+        self.stop, self.context, self.partial = stop, context, partial
+        self._epoch, self._skipped = 0, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._skipped = epoch, 0
+        if self.partial is not None and epoch == self.partial["epoch"]:
+            rank = self.context.rank if self.context is not None else 0
+            for v, value in zip(self.model.metrics_variables, self.partial["metrics"][rank]):
+                v.assign(value)
+            self._skipped = self.partial["steps"]
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.stop is None:
+            return
+        signum, due = self.stop.poll()
+        if self.context is not None and self.context.is_distributed:
+            signum, due = self.context.max_of(signum, due)  # every rank stops at this step
+        if not (signum or due):
+            return
+        steps = self._skipped + batch + 1
+        metrics = _numpy(self.model.metrics_variables)
+        if self.context is not None:
+            metrics = self.context.gather(metrics)
+        else:
+            metrics = [metrics]
+        if self.write:
+            save_state(self.run_dir, self.model, self._epoch - 1, self.stage, self.history,
+                       self.stage_history, self.ema, self.swa, self.checkpoint, self.early_stopping,
+                       partial={"epoch": self._epoch, "steps": steps, "metrics": metrics})
+        self.stop.written()
+        if signum:
+            raise TrainingStopped(
+                int(signum), f"stopped by {signal.Signals(int(signum)).name} at epoch {self._epoch + 1}, step "
+                f"{steps}; the resume point is in {self.run_dir / STATE_DIR} (continue with "
+                f"--resume {self.run_dir})")
 
     def on_epoch_end(self, epoch, logs=None):
         for key, value in (logs or {}).items():
@@ -98,10 +148,40 @@ class TrainingState(keras.callbacks.Callback):
 
 
 def save_state(run_dir, model, epoch, stage, history, stage_history, ema=None, swa=None,
-               checkpoint=None, early_stopping=None) -> Path:
-    """Atomically replace ``run_dir/state`` with the current training state."""
+               checkpoint=None, early_stopping=None, partial=None) -> Path:
+    """Atomically replace ``run_dir/state`` with the current training state.
+
+    ``epoch``: the last complete epoch (-1: none yet). ``partial``: a mid-epoch resume point,
+    ``{"epoch", "steps", "metrics"}`` (steps done in that epoch; the metric variables of every
+    rank). A write the disk refuses raises :class:`~xsight_keras.files.WriteFailedError` and
+    leaves the previous state as it was.
+    """
     run_dir = Path(run_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".state.", dir=run_dir))
+    final = run_dir / STATE_DIR
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".state.", dir=run_dir))
+    except OSError as exc:
+        raise write_failure(final, exc) from exc
+    try:
+        _write_state(tmp, model, epoch, stage, history, stage_history, ema, swa, checkpoint,
+                     early_stopping, partial)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise write_failure(final, exc) from exc
+        raise
+    old = run_dir / ".state.old"
+    if final.exists():  # else a write killed between the renames left the last state in old
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_state(folder, model, epoch, stage, history, stage_history, ema, swa, checkpoint,
+                 early_stopping, partial) -> None:
     arrays = {f"model_{i}": a for i, a in enumerate(_numpy(model.variables))}
     optimizer = getattr(model, "optimizer", None)
     if optimizer is not None and optimizer.built:
@@ -124,17 +204,14 @@ def save_state(run_dir, model, epoch, stage, history, stage_history, ema=None, s
         if weights is not None:
             arrays.update({f"es_{i}": a for i, a in enumerate(weights)})
             meta["early_stopping"]["weights"] = len(weights)
-    np.savez(tmp / "arrays.npz", **arrays)
-    (tmp / "state.json").write_text(json.dumps(meta, default=float))
-    final = run_dir / STATE_DIR
-    old = run_dir / ".state.old"
-    if final.exists():  # else a write killed between the renames left the last state in old
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    if partial is not None:
+        ranks = partial["metrics"]
+        meta["partial"] = {"epoch": int(partial["epoch"]), "steps": int(partial["steps"]),
+                           "ranks": len(ranks), "metrics": len(ranks[0])}
+        for r, values in enumerate(ranks):
+            arrays.update({f"metrics{r}_{i}": a for i, a in enumerate(values)})
+    np.savez(folder / "arrays.npz", **arrays)
+    (folder / "state.json").write_text(json.dumps(meta, default=float))
 
 
 def load_state(run_dir) -> dict:
@@ -151,6 +228,10 @@ def load_state(run_dir) -> dict:
         meta = json.loads((folder / "state.json").read_text())
         with np.load(folder / "arrays.npz") as data:
             meta["arrays"] = {k: data[k] for k in data.files}
+        if "partial" in meta:  # the metric sums of every rank at the mid-epoch resume point
+            part = meta["partial"]
+            part["metrics"] = [[meta["arrays"][f"metrics{r}_{i}"] for i in range(part["metrics"])]
+                               for r in range(part["ranks"])]
     except (ValueError, OSError, KeyError) as exc:
         raise ValueError(f"{folder}: training state is unreadable ({exc})") from exc
     return meta
@@ -192,6 +273,9 @@ def rewrite_history_csv(path, history: dict) -> None:
     written for an epoch whose state was never saved)."""
     keys = sorted(history)
     n = max((len(v) for v in history.values()), default=0)
+    if not keys:  # stopped inside its first epoch: an empty file, so CSVLogger writes the header
+        Path(path).write_text("")
+        return
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["epoch"] + keys)
