@@ -266,3 +266,43 @@ def test_checkpoint_every_minutes_writes_mid_epoch_resume_points(setup, tmp_path
     assert "partial" not in load_state(tmp_path / "demo")  # the epoch-end state replaced them
     with pytest.raises(ValueError, match="checkpoint_every_minutes must be positive"):
         load_config("demo", overrides={"checkpoint_every_minutes": 0})
+
+
+def test_pgunet_stopped_mid_stage_while_fading_in_resumes_to_the_same_end(demo_data, tmp_path,
+                                                                          monkeypatch):
+    """In-process: a stop request (as a signal makes it) in stage 2's first epoch, while the new
+    level fades in (its counter is state too); the resumed run ends as an uninterrupted one."""
+    from xsight_keras.config import load_config
+    from xsight_keras.training.preemption import StopSignals, TrainingStopped
+    from xsight_keras.training.run import train
+
+    def config(name):
+        return load_config("papsmear", overrides={
+            "data_root": str(demo_data), "output_dir": str(tmp_path), "experiment_name": name,
+            "stages": [1, 2], "epochs_per_stage": 2, "base_filters": 4,
+            "batch_sizes": "32:2,64:2", "tensorboard_images": 0, "precise_bn_batches": 2})
+
+    train(config("whole"))
+    polls = {"n": 0}
+
+    def poll(self):  # stage 1: 2 epochs × 4 steps; then stage 2's third step
+        polls["n"] += 1
+        return (signal.SIGTERM if polls["n"] == 11 else 0), False
+
+    with monkeypatch.context() as m:
+        m.setattr(StopSignals, "poll", poll)
+        with pytest.raises(TrainingStopped, match="stopped by SIGTERM at epoch 1, step 3"):
+            train(config("stopped"))
+    state = load_state(tmp_path / "stopped")
+    assert (state["stage"], state["partial"]["epoch"], state["partial"]["steps"]) == (2, 0, 3)
+    train(config("stopped"), resume=True)
+    for name in ("history_stage_1.csv", "history_stage_2.csv"):
+        assert ((tmp_path / "whole" / name).read_text().splitlines()[0]
+                == (tmp_path / "stopped" / name).read_text().splitlines()[0])
+        whole, stopped = (np.loadtxt(tmp_path / run / name, delimiter=",", skiprows=1)
+                          for run in ("whole", "stopped"))
+        np.testing.assert_allclose(whole, stopped, rtol=1e-4, atol=1e-5, err_msg=name)
+    for name in ("final.keras", "best.keras"):
+        assert_same_weights(saved_weights(tmp_path / "whole" / name),
+                            saved_weights(tmp_path / "stopped" / name), rtol=1e-4, atol=1e-5,
+                            what=name)
