@@ -42,10 +42,20 @@ def setup(tmp_path_factory):
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(settings))
     base = [sys.executable, TRAIN, "--preset", "demo", "--config", str(config)]
-    whole = subprocess.run(base + ["--experiment_name", "whole"], capture_output=True, text=True,
-                           env=script_env(), timeout=600)
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    whole = subprocess.Popen(base + ["--experiment_name", "whole"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env=script_env())
+    children = wait_for(lambda: workers_up(whole.pid), whole, "the loader's workers")
+    _, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err[-3000:]
+    time.sleep(1)
+    assert not alive(children), f"worker processes outlived a normal end: {alive(children)}"
     return root, base
+
+
+def workers_up(pid: int) -> set[int] | None:
+    """The processes below ``pid`` once its 2 loader workers run (forkserver and workers)."""
+    found = child_processes(pid)
+    return found if len(found) >= 3 else None
 
 
 def alive(pids) -> set[int]:
@@ -89,7 +99,7 @@ def test_sigterm_mid_epoch_writes_a_resume_point_leaves_no_process_and_resumes_t
     proc = subprocess.Popen(base + ["--experiment_name", "stopped"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=script_env())
     wait_for(lambda: epochs_done(run) >= 1, proc, "the first epoch")
-    children = wait_for(lambda: child_processes(proc.pid), proc, "the loader's workers")
+    children = wait_for(lambda: workers_up(proc.pid), proc, "the loader's workers")
     time.sleep(0.3)  # into the second epoch
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
