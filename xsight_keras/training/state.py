@@ -108,7 +108,12 @@ class TrainingState(keras.callbacks.Callback):
         self._epoch, self._skipped = epoch, 0
         if self.partial is not None and epoch == self.partial["epoch"]:
             rank = self.context.rank if self.context is not None else 0
-            for v, value in zip(self.model.metrics_variables, self.partial["metrics"][rank]):
+            saved, variables = self.partial["metrics"][rank], self.model.metrics_variables
+            if len(saved) != len(variables):
+                raise ValueError(f"{self.run_dir / STATE_DIR}: the resume point holds {len(saved)} "
+                                 f"metric variables, the model {len(variables)}: the "
+                                 f"configuration changed since the run stopped")
+            for v, value in zip(variables, saved):
                 v.assign(value)
             self._skipped = self.partial["steps"]
 
