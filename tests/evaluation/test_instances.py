@@ -113,3 +113,23 @@ def test_instance_loss_and_targets_from_the_loader(demo_data):
     x, y = ds.sample(0, 0)
     assert sorted(y) == ["instance", "semantic"] and y["instance"].shape == (64, 64, 2)
     assert y["semantic"].shape == (64, 64, 6)
+
+
+def test_overlay_outlines_each_nucleus_in_its_class_colour_and_leaves_the_chromatin_visible():
+    from xsight_keras.labels import CLASS_COLOURS
+    from xsight_keras.viz.plots import overlay
+
+    image = np.full((20, 30, 3), 100, np.uint8)
+    labels = np.zeros((20, 30), np.uint8)
+    instances = np.zeros((20, 30), np.int32)
+    labels[5:15, 5:25] = 2
+    instances[5:15, 5:15], instances[5:15, 15:25] = 1, 2  # two touching nuclei
+    out = overlay(image, labels, instances)
+    assert (out[10, 10] == 100).all() and (out[0, 0] == 100).all()  # inside and background kept
+    for column in (5, 14, 15, 24):  # outer edges and both sides of the shared border
+        assert (out[10, column] == CLASS_COLOURS[2]).all(), column
+    merged = overlay(image, labels)  # class regions only: the two are one outline
+    assert (merged[10, 14] == 100).all() and (merged[10, 5] == CLASS_COLOURS[2]).all()
+    filled = overlay(image, labels, instances, fill_alpha=0.25)
+    expected = np.rint(0.75 * 100 + 0.25 * CLASS_COLOURS[2].astype(float))
+    assert np.array_equal(filled[10, 10], expected.astype(np.uint8))

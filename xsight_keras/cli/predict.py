@@ -3,7 +3,8 @@
     xsight-predict slide1.png tiles/ --run outputs/demo --out predictions/ [--tta] [--save_probs]
     xsight-predict image.tif --model outputs/demo/best.keras --out predictions/
 
-For each input image: <name>_labels.png (class index per pixel), <name>_overlay.png, with
+For each input image: <name>_labels.png (class index per pixel), <name>_overlay.png (every
+nucleus outlined in its class colour), with
 --save_probs <name>_probs.npy (float16 (H, W, K)), and with --instances <name>_instances.png
 (16-bit nucleus ids) and <name>.geojson (one polygon per nucleus with its class, for QuPath). Unreadable files are skipped, listed at the
 end, and make the exit status 1; the other images are still written.
@@ -90,13 +91,13 @@ def main(argv=None) -> int:
         maps = predictor.predict_maps(image)
         probs = maps[SEMANTIC]
         labels = Predictor.to_labels(probs)
+        nuclei, types = separate_instances(probs, maps, postprocess)  # outlines in the overlay
         if args.instances:
-            nuclei, types = separate_instances(probs, maps, postprocess)
             cv2.imwrite(str(out / f"{path.stem}_instances.png"), nuclei.astype(np.uint16))
             geojson = instances_to_geojson(nuclei, types, class_names)
             atomic_write_text(out / f"{path.stem}.geojson", json.dumps(geojson))
         cv2.imwrite(str(out / f"{path.stem}_labels.png"), labels)
-        cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay(image, labels), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay(image, labels, nuclei), cv2.COLOR_RGB2BGR))
         if args.save_probs:
             np.save(out / f"{path.stem}_probs.npy", probs.astype(np.float16))
     if failed:
