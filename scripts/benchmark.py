@@ -7,6 +7,7 @@
     python scripts/benchmark.py loader [--tiles 192 --level 2 --size 256 --batch 8]
     python scripts/benchmark.py prepare-memory [--tiles 2656]
     python scripts/benchmark.py monuseg --src ../shared/data/monuseg-train [--steps 600 --epochs 10]
+    python scripts/benchmark.py wsi --run RUN --src ../shared/data/monuseg-train [--accuracy ID ...]
 
 ``model``: training images/s (``train_on_batch`` with the hybrid loss, AdamW; PGU-Net at its
 256 px stage with its multi-scale loss) and, for the Attention U-Net, the same step of the
@@ -25,7 +26,15 @@ rest train), the ``monuseg`` preset trained from random initialisation for ``--s
 steps, post-processing tuned on the validation images, then per image and in mean: pixel Dice,
 AJI, PQ (DQ, SQ), detection F1, true and predicted nucleus counts, and the training time
 (:mod:`xsight_keras.evaluation.monuseg_benchmark`).
-``all``: each of the above but ``monuseg`` in its own process, float32 and (on CUDA) mixed_float16, both data
+``wsi``: two slides (0.25 µm/px, 4 levels) mosaicked from the MoNuSeg images under ``--src``,
+``--side`` and twice that wide, whose tissue squares differ 4× in area, each predicted by
+``predict_wsi.py`` with ``--run`` in a fresh process: peak resident memory (VmHWM), seconds,
+tiles/s and nuclei/s of the whole pipeline; the model alone (``Predictor`` forward passes on
+preprocessed tiles of the same slides, same batch size) in fresh processes twice before and
+twice after the slides, and each slide's tiles/s over the mean of those. ``--accuracy ID …``: those images side by side on one slide with glass around them,
+predicted as a slide and scored per image against their annotations (Dice, AJI, PQ), to compare
+with the whole-image figures of ``monuseg``.
+``all``: each of the above but ``monuseg`` and ``wsi``, each in its own process, float32 and (on CUDA) mixed_float16, both data
 formats for the Attention U-Net; prints one table and the JSON.
 
 A developer tool, not a console command of the package: it needs a clone (the plain-PyTorch
@@ -38,6 +47,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -344,6 +354,175 @@ def print_table(result: dict) -> None:
               f"{m['prepare_s']} s")
 
 
+WSI_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from xsight_keras.cli.predict_wsi import main
+status = main(sys.argv[2:])
+peak = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]
+print(json.dumps({"status": status, "peak_rss_kb": int(peak)}))
+"""
+
+MODEL_ALONE_CHILD = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from xsight_keras.inference import Predictor
+from xsight_keras.slides import SlideReader
+run, slide, mpp, n, batch = sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+p = Predictor.from_run(run, batch_size=batch)
+with SlideReader(slide, mpp) as reader:
+    h, w = reader.size
+    image = reader.read(h // 2 - 512, w // 2 - 512, 1024, 1024)  # tissue at the centre
+region = p.prepare_region(image)
+tiles = np.stack([region.pixels[r:r + p.tile_size, c:c + p.tile_size] for r, c in region.tiles])
+tiles = np.concatenate([tiles] * (-(-n // len(tiles))))[:n]
+p._forward(tiles[:batch])  # warm-up
+start = time.perf_counter()
+for i in range(0, n, batch):
+    p._forward(tiles[i:i + batch])
+print(json.dumps({"tiles": n, "seconds": time.perf_counter() - start}))
+"""
+
+
+def _monuseg_sources(src: str, ids=None):
+    """(images uint8 (N, 1000, 1000, 3), instances int32 (N, 1000, 1000), names) of the
+    MoNuSeg images under ``src`` (``ids``: only these)."""
+    from xsight_keras.data.monuseg import find_monuseg_pairs, read_monuseg_sample
+
+    pairs = [p for p in find_monuseg_pairs(src) if not ids or p[0].stem in ids]
+    samples = [read_monuseg_sample(*p) for p in pairs]
+    return (np.stack([s[0] for s in samples]), np.stack([s[1] for s in samples]),
+            [p[0].stem for p in pairs])
+
+
+def _write_benchmark_slide(path: Path, side: int, tissue: int, images, instances):
+    """A ``side``×``side`` slide (0.25 µm/px, 3 levels) with a ``tissue``×``tissue`` square of
+    mosaicked source tiles at its centre."""
+    from xsight_keras.slides.synthetic import Mosaic, write_pyramid_tiff
+
+    lo, hi = (side - tissue) // 2, (side + tissue) // 2
+    mosaic = Mosaic(images, instances,
+                    tissue=lambda y, x: (y >= lo) & (y < hi) & (x >= lo) & (x < hi))
+    if not path.is_file():
+        write_pyramid_tiff(path, (side, side), mosaic.render, mpp=0.25, levels=4)
+    return mosaic
+
+
+def bench_wsi(args) -> dict:
+    """Peak memory and throughput of whole-slide prediction on two slides whose tissue differs
+    4× in area, against the model alone on the same tiles; with ``--accuracy``, the nuclei of a
+    slide made of the run's validation images scored against their annotations."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, instances, names = _monuseg_sources(args.src)
+    with open(Path(args.run) / "config.json") as f:
+        settings = json.load(f)
+    mpp = args.model_mpp or settings.get("mpp") or 0.25
+    result = {"benchmark": "wsi", "run": str(args.run), "model_mpp": mpp,
+              "batch_size": args.batch, "slides": {}}
+    tiles_for_model = str(args.model_tiles)
+
+    def model_alone() -> float:
+        """tiles/s of the model alone, in a fresh process (the machine's speed drifts: this is
+        measured before and after the slides, twice each, and the mean is the reference)."""
+        source = out / "slide_small.tif"
+        child = subprocess.run([sys.executable, "-c", MODEL_ALONE_CHILD, str(ROOT), str(args.run),
+                                str(source), str(mpp), tiles_for_model, str(args.batch)],
+                               capture_output=True, text=True, check=False)
+        if child.returncode:
+            raise RuntimeError(f"model-alone timing failed:\n{child.stderr[-3000:]}")
+        timing = json.loads(child.stdout.strip().splitlines()[-1])
+        return round(timing["tiles"] / timing["seconds"], 2)
+
+    alone_before = None
+    for label, tissue in (("small", args.tissue), ("large", 2 * args.tissue)):
+        slide = out / f"slide_{label}.tif"
+        _write_benchmark_slide(slide, args.side if label == "small" else 2 * args.side, tissue,
+                               images, instances)
+        if alone_before is None:
+            alone_before = [model_alone() for _ in range(2)]
+        preds = out / "predictions"
+        shutil.rmtree(preds / slide.stem, ignore_errors=True)
+        argv = [str(slide), "--run", str(args.run), "--out", str(preds), "--model_mpp", str(mpp),
+                "--batch_size", str(args.batch), "--no_progress"]
+        t0 = time.perf_counter()
+        child = subprocess.run([sys.executable, "-c", WSI_CHILD, str(ROOT), *argv],
+                               capture_output=True, text=True, check=False)
+        wall = time.perf_counter() - t0
+        if child.returncode:
+            raise RuntimeError(f"predict_wsi failed:\n{child.stderr[-3000:]}")
+        child_result = json.loads(child.stdout.strip().splitlines()[-1])
+        summary = json.loads((preds / slide.stem / "summary.json").read_text())
+        tiles = summary["tiles_predicted"]
+        result["slides"][label] = {
+            "size_px": summary["reader"]["level0_size"], "tissue_mm2": summary["tissue_mm2"],
+            "tiles": tiles, "nuclei": summary["nuclei"],
+            "peak_rss_mb": round(child_result["peak_rss_kb"] / 1024, 1),
+            "seconds": summary["seconds"], "process_wall_s": round(wall, 1),
+            "tiles_per_s": round(tiles / summary["seconds"]["total"], 2),
+            "nuclei_per_s": round(summary["nuclei"] / summary["seconds"]["total"], 1)}
+    alone = [model_alone() for _ in range(2)]
+    result["model_alone_tiles_per_s"] = alone_before + alone
+    reference = statistics.mean(result["model_alone_tiles_per_s"])
+    for slide_result in result["slides"].values():
+        slide_result["over_model_alone"] = round(slide_result["tiles_per_s"] / reference, 3)
+    small, large = result["slides"]["small"], result["slides"]["large"]
+    result["tissue_area_ratio"] = round(large["tissue_mm2"] / small["tissue_mm2"], 2)
+    result["peak_rss_ratio"] = round(large["peak_rss_mb"] / small["peak_rss_mb"], 3)
+    if args.accuracy:
+        result["accuracy"] = _wsi_accuracy(args, out, mpp)
+    return result
+
+
+def _wsi_accuracy(args, out: Path, mpp: float) -> dict:
+    """The run's validation images side by side on one slide with glass around them, predicted
+    as a slide; each image's nuclei (rasterised from the Parquet polygons) scored against its
+    annotations with the MoNuSeg metrics."""
+    import cv2
+    import pyarrow.parquet as pq
+    import shapely
+
+    from xsight_keras.evaluation.monuseg_benchmark import score_image
+    from xsight_keras.slides.synthetic import GLASS, write_pyramid_tiff
+
+    images, instances, names = _monuseg_sources(args.src, args.accuracy)
+    n, size, border = len(images), images.shape[1], 300
+    canvas_shape = (size + 2 * border, n * size + 2 * border)
+
+    def render(y, x, h, w):
+        region = np.full((h, w, 3), GLASS, np.uint8)
+        for i, image in enumerate(images):
+            oy, ox = border, border + i * size
+            a, b = max(oy - y, 0), max(ox - x, 0)
+            c, d = min(oy + size - y, h), min(ox + size - x, w)
+            if c > a and d > b:
+                region[a:c, b:d] = image[y + a - oy:y + c - oy, x + b - ox:x + d - ox]
+        return region
+
+    slide = out / "slide_validation.tif"
+    write_pyramid_tiff(slide, canvas_shape, render, mpp=0.25, levels=3)
+    preds = out / "predictions"
+    shutil.rmtree(preds / slide.stem, ignore_errors=True)
+    from xsight_keras.cli.predict_wsi import main as predict_wsi
+
+    predict_wsi([str(slide), "--run", str(args.run), "--out", str(preds), "--model_mpp", str(mpp),
+                 "--batch_size", str(args.batch), "--no_progress"])
+    table = pq.read_table(preds / slide.stem / f"{slide.stem}_nuclei.parquet")
+    found = np.zeros(canvas_shape, np.int32)
+    polygons = shapely.from_wkb(table.column("polygon").to_numpy(zero_copy_only=False))
+    for i, polygon in enumerate(polygons, start=1):
+        ring = shapely.get_coordinates(shapely.get_exterior_ring(polygon))
+        cv2.fillPoly(found, [np.round(ring).astype(np.int32)], i)
+    scores = {}
+    for i, name in enumerate(names):
+        crop = found[border:border + size, border + i * size:border + (i + 1) * size]
+        scores[name] = {k: round(float(v), 4) for k, v in score_image(instances[i], crop).items()}
+    mean = {k: round(float(np.mean([s[k] for s in scores.values()])), 4)
+            for k in ("dice", "aji", "pq")}
+    return {"images": scores, "mean": mean}
+
+
 def bench_monuseg(args) -> int:
     from xsight_keras.evaluation.monuseg_benchmark import format_report, run_monuseg_benchmark
 
@@ -398,6 +577,19 @@ def main(argv=None) -> int:
     p.add_argument("--curve", type=int, default=0, metavar="N",
                    help="also score the model of every N-th epoch: Dice, AJI and PQ against "
                         "optimizer steps (0: no curve)")
+    p = sub.add_parser("wsi")
+    p.add_argument("--run", required=True, help="a trained run (e.g. the monuseg benchmark's)")
+    p.add_argument("--src", required=True, help="MoNuSeg images + XML the slides are made of")
+    p.add_argument("--out", default="benchmarks/wsi", help="slides and predictions go here")
+    p.add_argument("--side", type=int, default=6144, help="the small slide's side (the large: 2x)")
+    p.add_argument("--tissue", type=int, default=3072, help="the small slide's tissue side (large: 2x)")
+    p.add_argument("--batch", type=int, default=4, help="predict_wsi.py's default on the CPU")
+    p.add_argument("--model_mpp", type=float, help="when the run's config has no mpp")
+    p.add_argument("--model_tiles", type=int, default=160,
+                   help="tiles per timing of the model alone (four timings)")
+    p.add_argument("--accuracy", nargs="*", metavar="IMAGE_ID",
+                   help="also score a slide made of these MoNuSeg images (the run's validation "
+                        "images) against their annotations")
     p = sub.add_parser("all")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
@@ -409,7 +601,7 @@ def main(argv=None) -> int:
     if args.what == "monuseg":
         return bench_monuseg(args)
     bench = {"loader": bench_loader, "prepare-memory": bench_prepare_memory, "model": bench_model,
-             "all": bench_all}
+             "wsi": bench_wsi, "all": bench_all}
     result = bench[args.what](args)
     if args.what != "all":
         result["machine"] = machine()

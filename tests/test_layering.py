@@ -6,7 +6,8 @@ Layers, bottom to top:
    ``data/``, ``models/``
 2. ``inference/`` and ``training/`` (training may import inference, not the reverse), and
    ``config`` (the run configuration validates its options against the training registries)
-3. ``evaluation/`` and ``viz/`` (viz reads arrays and paths: it does not import ``data/``)
+3. ``evaluation/``, ``viz/`` (viz reads arrays and paths: it does not import ``data/``) and
+   ``slides/`` (whole-slide prediction: on inference, beside evaluation)
 4. ``cli``; the scripts sit on top of everything
 
 Every ``import`` in every module is checked, those inside functions included (a function-level
@@ -23,17 +24,19 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "xsight_keras"
 BOTTOM = ("files", "labels", "compat", "_backend", "heads", "registry", "rundir", "data", "models")
-GROUPS = (*BOTTOM, "config", "inference", "training", "evaluation", "viz", "cli")
-ABOVE_BOTTOM = {"config", "inference", "training", "evaluation", "viz", "cli", "xsight_keras"}
+GROUPS = (*BOTTOM, "config", "inference", "training", "evaluation", "viz", "slides", "cli")
+ABOVE_BOTTOM = {"config", "inference", "training", "evaluation", "viz", "slides", "cli",
+                "xsight_keras"}
 
 #: source group → groups it must not import ("xsight_keras": the package's __init__)
 FORBIDDEN = {
     **{group: ABOVE_BOTTOM for group in BOTTOM},
-    "inference": {"config", "training", "evaluation", "viz", "cli", "xsight_keras"},
-    "training": {"evaluation", "viz", "cli", "xsight_keras"},
-    "config": {"inference", "evaluation", "viz", "cli", "xsight_keras"},
-    "evaluation": {"cli"},
-    "viz": {"cli", "data"},
+    "inference": {"config", "training", "evaluation", "viz", "slides", "cli", "xsight_keras"},
+    "training": {"evaluation", "viz", "slides", "cli", "xsight_keras"},
+    "config": {"inference", "evaluation", "viz", "slides", "cli", "xsight_keras"},
+    "evaluation": {"slides", "cli"},
+    "viz": {"cli", "data", "slides"},
+    "slides": {"config", "training", "evaluation", "viz", "cli", "xsight_keras"},
 }
 
 #: Arrows that other changes remove; each entry says which, and comes off once it is merged.

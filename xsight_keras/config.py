@@ -45,6 +45,9 @@ class RunConfig:
     test_split: str = "test"
     num_classes: int = 6
     in_channels: int = 3
+    # microns per pixel of the training images: whole-slide prediction reads slides at this
+    # resolution (PanNuke and MoNuSeg are 40x, about 0.25); None for images that are not slides
+    mpp: float | None = None
     input_size: int = 256  # training crop/resize size when not progressive
     val_size: int | None = None  # central crop for validation; None keeps the stored size
     # grow during training: the PGU-Net through its stages, the Attention U-Net through
@@ -282,7 +285,7 @@ def validate_config(config: RunConfig) -> None:
         raise ValueError(f"preprocess: zscore 'dataset' has {len(pre.mean)} channel means for "
                          f"in_channels {config.in_channels}")
     for key in ("steps_per_epoch", "samples_per_epoch", "crops_per_image", "save_every_epochs",
-                "checkpoint_every_minutes"):
+                "checkpoint_every_minutes", "mpp"):
         value = getattr(config, key)
         if value is not None and value <= 0:
             raise ValueError(f"{key} must be positive (or unset), got {value}")

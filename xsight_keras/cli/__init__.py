@@ -8,6 +8,7 @@ Installed as console commands (``[project.scripts]`` in pyproject.toml), ``xsigh
     xsight-train                  train from a preset, a YAML file and flags; --resume
     xsight-evaluate               a run's checkpoint on a split: JSON + Markdown reports
     xsight-predict                label maps, overlays, nuclei and GeoJSON for new images
+    xsight-predict-wsi            every nucleus of whole-slide images: GeoJSON, Parquet, overlays
     xsight-prepare-data           downloaded datasets (or the demo set) → prepared arrays
     xsight-tune-postprocessing    the watershed settings of a run, on its validation split
     xsight-visualize-dataset      class distribution and a sample grid of a prepared split

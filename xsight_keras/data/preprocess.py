@@ -58,11 +58,14 @@ def apply_clahe(image: np.ndarray, clip_limit: float = 2.0, grid=(8, 8)) -> np.n
     return cv2.cvtColor(lab, cv2.COLOR_LAB2RGB)
 
 
-def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessConfig(),
+                     stats_mask: np.ndarray | None = None) -> np.ndarray:
     """Normalise a uint8 (H, W, C) image to float32 (H, W, C) network input.
 
     CLAHE (unless ``clip_limit`` is 0), then z-score per ``config.zscore``: per-image results have
-    mean ≈ 0 and std ≈ 1 per channel (a flat channel stays 0).
+    mean ≈ 0 and std ≈ 1 per channel (a flat channel stays 0). ``stats_mask`` (bool (H, W),
+    ``zscore: image`` only): the mean and std are those of these pixels (a slide region's
+    tissue, so that glass does not shift them); all pixels when it is ``None`` or empty.
     """
     if image.ndim != 3 or image.shape[-1] not in (1, 3):
         raise ValueError(f"expected an image of shape (H, W, 1|3), got {image.shape}")
@@ -70,7 +73,10 @@ def preprocess_image(image: np.ndarray, config: PreprocessConfig = PreprocessCon
         image = apply_clahe(image, config.clahe_clip_limit, config.clahe_grid)
     channels = image.shape[-1]
     if config.zscore == "image":
-        mean, std = cv2.meanStdDev(image)  # float64, (C, 1); much faster than numpy reductions
+        mask = None
+        if stats_mask is not None and stats_mask.any():
+            mask = np.ascontiguousarray(stats_mask, dtype=np.uint8)
+        mean, std = cv2.meanStdDev(image, mask=mask)  # float64 (C, 1); faster than numpy
         mean, std = mean.ravel(), np.maximum(std.ravel(), 1e-3)
     elif config.zscore == "dataset":
         mean, std = np.asarray(config.mean), np.asarray(config.std)

@@ -105,6 +105,39 @@ def instance_targets(instances: np.ndarray) -> np.ndarray:
     return get_head(INSTANCE).target(instances)
 
 
+def nucleus_outline(mask: np.ndarray) -> np.ndarray | None:
+    """int32 (P, 2) x, y outline (not closed) of the largest region of a bool (h, w) ``mask``,
+    in the mask's pixels; ``None`` when it has fewer than 3 points (no area to draw)."""
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if not contours:
+        return None
+    outline = max(contours, key=cv2.contourArea)[:, 0, :]
+    return outline if len(outline) >= 3 else None
+
+
+def detection_feature(ring: list, cls: int, class_names=None, feature_id: str | None = None,
+                      measurements: dict | None = None) -> dict:
+    """One nucleus as the GeoJSON ``Feature`` QuPath imports as a detection: ``ring`` its
+    outline [[x, y], …] (closed here if it is not), ``cls`` its class index (named by
+    ``class_names``, ``class_<i>`` otherwise, coloured as in :data:`CLASS_COLOURS`),
+    ``measurements`` {name: number} shown in QuPath's measurement table."""
+    if ring[0] != ring[-1]:
+        ring = [*ring, ring[0]]
+    name = class_names[cls] if class_names is not None and cls < len(class_names) else f"class_{cls}"
+    properties = {"objectType": "detection",
+                  "classification": {"name": name,
+                                     "color": CLASS_COLOURS[cls % len(CLASS_COLOURS)].tolist()}}
+    if measurements:
+        properties["measurements"] = measurements
+    feature = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+               "properties": properties}
+    if feature_id is not None:
+        feature["id"] = feature_id
+    return feature
+
+
 def instances_to_geojson(instances: np.ndarray, types=None, class_names=None) -> dict:
     """A GeoJSON FeatureCollection with one polygon per nucleus, as QuPath imports detections.
 
@@ -112,29 +145,14 @@ def instances_to_geojson(instances: np.ndarray, types=None, class_names=None) ->
     ``class_names`` names per class index. Coordinates are pixels (x right, y down), each ring
     closed; a nucleus whose outline has fewer than 3 points is left out.
     """
-    import cv2
-
     features = []
     for iid, window in enumerate(ndimage.find_objects(instances), start=1):
         if window is None:
             continue
-        mask = (instances[window] == iid).astype(np.uint8)
-        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        if not contours:
-            continue
-        outline = max(contours, key=cv2.contourArea)[:, 0, :]
-        if len(outline) < 3:
+        outline = nucleus_outline(instances[window] == iid)
+        if outline is None:
             continue
         ring = (outline + [window[1].start, window[0].start]).tolist()
-        ring.append(ring[0])
         cls = int(types[iid]) if types is not None and iid < len(types) else 1
-        name = class_names[cls] if class_names is not None and cls < len(class_names) else f"class_{cls}"
-        colour = CLASS_COLOURS[cls % len(CLASS_COLOURS)].tolist()
-        features.append({
-            "type": "Feature",
-            "id": str(iid),
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {"objectType": "detection",
-                           "classification": {"name": name, "color": colour}},
-        })
+        features.append(detection_feature(ring, cls, class_names, str(iid)))
     return {"type": "FeatureCollection", "features": features}

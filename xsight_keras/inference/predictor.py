@@ -3,6 +3,8 @@ optional test-time augmentation. Memory is bounded by one batch of tiles plus th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import keras
 import numpy as np
 
@@ -123,6 +125,18 @@ def training_resize(settings: dict, model: keras.Model) -> int | None:
     return int(settings.get("input_size", 256))
 
 
+@dataclass
+class PreparedRegion:
+    """An image ready for the model (:meth:`Predictor.prepare_region`): ``pixels`` float32
+    (H', W', C) preprocessed (mirror-padded to one tile when smaller), ``tiles`` the (row,
+    column) corners of the tiles to predict, ``crop`` (top, left, height, width) of the image
+    within ``pixels``."""
+
+    pixels: np.ndarray
+    tiles: list[tuple[int, int]]
+    crop: tuple[int, int, int, int]
+
+
 class Predictor:
     """Predict class probabilities for images of any size with a segmentation model.
 
@@ -153,7 +167,9 @@ class Predictor:
         self.channels_first = model_data_format(model) == "channels_first"
         self.in_channels = model.inputs[0].shape[1 if self.channels_first else -1]
         self.class_names = class_names
+        self.tiles_predicted = 0  # tiles through the model so far (for progress reports)
         self._windows: dict = {}
+        self._output_channels = None
 
     @classmethod
     def from_run(cls, run_dir, model_path=None, **kwargs) -> Predictor:
@@ -230,22 +246,55 @@ class Predictor:
         maps = self._predict_tiled(resize_image(image, self.resize_to, self.resize_to))
         return {name: resize_image(v, h, w) for name, v in maps.items()}
 
-    def _predict_tiled(self, image: np.ndarray) -> dict[str, np.ndarray]:
+    def _predict_tiled(self, image: np.ndarray, tissue: np.ndarray | None = None,
+                       preprocess: PreprocessConfig | None = None) -> dict[str, np.ndarray]:
         """uint8 (H, W, C) in the model's channels → {output: float32 (H, W, K)}: overlapping
-        tiles, blended."""
+        tiles, blended (:meth:`prepare_region`, then :meth:`predict_region`)."""
+        return self.predict_region(self.prepare_region(image, tissue, preprocess))
+
+    def prepare_region(self, image: np.ndarray, tissue: np.ndarray | None = None,
+                       preprocess: PreprocessConfig | None = None) -> PreparedRegion:
+        """The model-free half of :meth:`predict_maps` for a uint8 (H, W, C) image in the
+        model's channels: its preprocessed pixels and the tiles to predict (safe to run in a
+        background thread while the model predicts another region).
+
+        ``tissue`` (bool (H, W), optional; a slide region's tissue mask): tiles without tissue
+        are left out (their pixels get 0 in every map: background), and the z-score statistics
+        are the tissue's. ``preprocess`` replaces the predictor's for this image."""
         h, w = image.shape[:2]
-        x = preprocess_image(image, self.preprocess)
+        x = preprocess_image(image, preprocess or self.preprocess, tissue)
+        (top, bottom, left, right), coords = self.region_tiles((h, w), tissue)
+        if top or bottom or left or right:  # smaller than one tile: mirror-pad, predict, crop
+            x = np.pad(x, ((top, bottom), (left, right), (0, 0)), mode="reflect")
+        return PreparedRegion(x, coords, (top, left, h, w))
+
+    def region_tiles(self, shape: tuple[int, int], tissue: np.ndarray | None = None):
+        """How an image of ``shape`` (H, W) is tiled: ((top, bottom, left, right) mirror
+        padding up to one tile, [(row, column) corners of the tiles in the padded image]),
+        leaving out tiles without ``tissue`` (bool (H, W)) when it is given."""
+        h, w = shape
         t = self.tile_size
         ph, pw = max(t - h, 0), max(t - w, 0)
-        if ph or pw:  # smaller than one tile: mirror-pad, predict, crop
-            x = np.pad(x, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
-        hp, wp = x.shape[:2]
+        pad = (ph // 2, ph - ph // 2, pw // 2, pw - pw // 2)
+        if tissue is not None and (ph or pw):
+            tissue = np.pad(tissue, (pad[:2], pad[2:]), mode="reflect")
         stride = t - self.overlap
-        coords = [(r, c) for r in _positions(hp, t, stride) for c in _positions(wp, t, stride)]
+        coords = [(r, c) for r in _positions(h + ph, t, stride) for c in _positions(w + pw, t, stride)]
+        if tissue is not None:
+            coords = [(r, c) for r, c in coords if tissue[r:r + t, c:c + t].any()]
+        return pad, coords
+
+    def predict_region(self, region: PreparedRegion) -> dict[str, np.ndarray]:
+        """{output: float32 (H, W, K)} of a :meth:`prepare_region` result: its tiles through the
+        model ``batch_size`` at a time, blended where they overlap."""
+        x, coords = region.pixels, region.tiles
+        t = self.tile_size
+        hp, wp = x.shape[:2]
         out, weight = {}, np.zeros((hp, wp, 1), np.float32)
         for i in range(0, len(coords), self.batch_size):
             batch = coords[i:i + self.batch_size]
             maps = self._forward(np.stack([x[r:r + t, c:c + t] for r, c in batch]))
+            self.tiles_predicted += len(batch)
             for name, values in maps.items():
                 if name not in out:
                     out[name] = np.zeros((hp, wp, values.shape[-1]), np.float32)
@@ -257,9 +306,21 @@ class Predictor:
                 for name, values in maps.items():
                     out[name][r:r + t, c:c + t] += values[j] * window
                 weight[r:r + t, c:c + t] += window
+        if not out:  # nothing to predict (no tissue): every map is 0, with the model's channels
+            out = {name: np.zeros((hp, wp, shape[-1]), np.float32)
+                   for name, shape in self.output_channels().items()}
         for v in out.values():
-            v /= weight
-        return {name: v[ph // 2:ph // 2 + h, pw // 2:pw // 2 + w] for name, v in out.items()}
+            np.divide(v, weight, out=v, where=weight > 0)
+        top, left, h, w = region.crop
+        return {name: v[top:top + h, left:left + w] for name, v in out.items()}
+
+    def output_channels(self) -> dict[str, tuple[int, ...]]:
+        """{output: shape of one tile's map (T, T, K)}, the keys of :meth:`predict_maps`."""
+        if self._output_channels is None:
+            c = self.in_channels
+            probe = np.zeros((1, self.tile_size, self.tile_size, c), np.float32)
+            self._output_channels = {k: v.shape[1:] for k, v in self._model_outputs(probe).items()}
+        return self._output_channels
 
     @staticmethod
     def to_labels(probabilities: np.ndarray) -> np.ndarray:
