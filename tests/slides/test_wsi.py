@@ -173,6 +173,8 @@ def test_every_nucleus_on_a_block_or_tile_border_is_found_once_and_whole(slides,
     assert (hits == 1).all(), f"discs found {hits[hits != 1]} times at {np.flatnonzero(hits != 1)}"
     assert ious.min() > 0.9, ious.min()
     assert table.num_rows == len(full.discs) == summary["nuclei"]
+    polygons = shapely.from_wkb(table.column("polygon").to_numpy(zero_copy_only=False))
+    assert shapely.is_valid(polygons).all()  # GeoPandas and DuckDB refuse invalid rings
     assert summary["nuclei_cut_by_margin"] == 0
     assert table.column("id").to_pylist() == list(range(1, table.num_rows + 1))
     # µm columns: model pixels × 0.25; area of a disc of radius r ≈ π r² px × 0.0625 µm²
@@ -263,6 +265,19 @@ def test_a_slide_without_resolution_needs_mpp_and_a_truncated_slide_fails_alone(
                            progress=False)
     assert [Path(d["slide"]).name for d in again["done"]] == ["nompp.tif"]
     assert again["skipped"] == [str(root / "sparse.tif")]
+    # a finished slide predicted again with another model is refused, not silently reused
+    other = oracle_predictor()
+    other.model.layers[-1].set_weights([w * 1.5 for w in other.model.layers[-1].get_weights()])
+    refused = predict_cohort([root / "sparse.tif"], other, tmp_path, 0.25, settings=settings,
+                             progress=False)
+    assert "another model or other settings" in refused["failed"][0]["error"]
+    # two slides that would share an output folder are refused before any shard starts
+    twin = tmp_path / "elsewhere" / "sparse.tif"
+    twin.parent.mkdir()
+    twin.write_bytes((root / "sparse.tif").read_bytes())
+    with pytest.raises(ValueError, match="two slides would write to"):
+        predict_cohort([root / "sparse.tif", twin], oracle_predictor(), tmp_path / "t", 0.25,
+                       shard_spec="1/2", settings=settings, progress=False)
     # shards split the list without overlap
     parts = [predict_cohort(cohort, oracle_predictor(), tmp_path / "s", 0.25, shard_spec=f"{i}/2",
                             settings=settings, progress=False) for i in range(2)]
@@ -302,8 +317,9 @@ def test_a_run_killed_mid_slide_resumes_to_the_same_outputs(slides, tmp_path):
     proc.wait()
     done_before = len(list(blocks.glob("*.parquet")))
     assert 2 <= done_before < 6, "the kill should land mid-slide"
+    sorted(blocks.glob("*.parquet"))[-1].write_bytes(b"PAR1")  # a block file cut short
     summary = predict_slide(slide, oracle_predictor(), killed, 0.25, settings=SETTINGS, progress=False)
-    assert summary["blocks_resumed"] == done_before
+    assert summary["blocks_resumed"] == done_before - 1  # the damaged one is predicted again
     a, b = read_nuclei(whole, "borders"), read_nuclei(killed, "borders")
     assert a.equals(b)
     ga = (whole / "borders" / "borders.geojson").read_bytes()
@@ -334,8 +350,12 @@ def test_the_command_predicts_a_slide_with_a_trained_run_and_refuses_a_model_wit
                  "demo slide_tissue.png"):
         assert (folder / name).is_file(), name
     assert "1 slide(s) predicted, 0 already done, 0 failed" in capsys.readouterr().out
-    assert main([str(slide), "--run", str(trained_run), "--out", str(out), "--no_progress"]) == 0
+    same = [str(slide), "--run", str(trained_run), "--out", str(out), "--block", "512",
+            "--tile_size", "128", "--no_progress"]
+    assert main(same) == 0
     assert "0 slide(s) predicted, 1 already done" in capsys.readouterr().out
+    assert main(same[:-5] + ["--no_progress"]) == 1  # other block and tile sizes: not reused
+    assert "predicted with another model or other settings" in capsys.readouterr().err
     # a bare .keras file has no mpp: refused before any slide is read
     assert main([str(slide), "--model", str(trained_run / "best.keras"), "--out",
                  str(tmp_path / "o2"), "--no_progress"]) == 2

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overlap", type=int, help="pixels shared by neighbouring tiles (default a quarter tile)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--save_probs", action="store_true")
+    parser.add_argument("--overlay_fill", type=float, default=0.0, metavar="ALPHA",
+                        help="also fill each nucleus on the overlay with its class colour at "
+                             "this opacity (0: outlines only)")
     parser.add_argument("--instances", action="store_true",
                         help="also write nucleus instance maps and GeoJSON polygons")
     return parser
@@ -97,7 +100,8 @@ def main(argv=None) -> int:
             geojson = instances_to_geojson(nuclei, types, class_names)
             atomic_write_text(out / f"{path.stem}.geojson", json.dumps(geojson))
         cv2.imwrite(str(out / f"{path.stem}_labels.png"), labels)
-        cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(overlay(image, labels, nuclei), cv2.COLOR_RGB2BGR))
+        shown = overlay(image, labels, nuclei, args.overlay_fill)
+        cv2.imwrite(str(out / f"{path.stem}_overlay.png"), cv2.cvtColor(shown, cv2.COLOR_RGB2BGR))
         if args.save_probs:
             np.save(out / f"{path.stem}_probs.npy", probs.astype(np.float16))
     if failed:

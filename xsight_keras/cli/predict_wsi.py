@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clahe_cell", type=float,
                         help="pixels per CLAHE cell in each block (default: as on the run's "
                              "validation images, e.g. 1000 px / 8 = 125 for MoNuSeg)")
+    parser.add_argument("--overlay_fill", type=float, default=0.0, metavar="ALPHA",
+                        help="also fill each nucleus on the overlay with its class colour at "
+                             "this opacity (0: outlines only)")
     parser.add_argument("--gzip", action="store_true", help="write .geojson.gz")
     parser.add_argument("--no_progress", action="store_true")
     return parser
@@ -109,7 +112,8 @@ def main(argv=None) -> int:
                   tta="all" if args.tta else None)
     try:
         settings = SlideSettings(block=args.block, margin=args.margin, slide_mpp=args.mpp,
-                                 gzip=args.gzip, workers=args.workers)
+                                 gzip=args.gzip, workers=args.workers,
+                                 overlay_fill=args.overlay_fill)
         if args.run:
             run = RunDir.open(args.run)
             predictor = Predictor.from_run(args.run, **kwargs)

@@ -54,18 +54,19 @@ def nuclei_table(columns: dict[str, np.ndarray], outlines: list[np.ndarray], sca
     cls = np.asarray(columns["class_id"], np.int16).reshape(n)
     name = [class_names[c] if c < len(class_names) else f"class_{c}" for c in cls]
     cy, cx = (np.asarray(columns[k], np.float64).reshape(n) for k in ("centroid_y", "centroid_x"))
+    # µm from model-pixel centres; level-0 pixel centres through to_level0
     polygons = []
     if n:
         index = np.repeat(np.arange(n), [len(o) for o in outlines])
-        rings = shapely.linearrings(np.round(np.concatenate(outlines) * scale, 2), indices=index)
-        polygons = shapely.polygons(rings)
+        points = to_level0(np.concatenate(outlines), scale)
+        polygons = valid_outlines(shapely.polygons(shapely.linearrings(points, indices=index)))
     bbox = {k: np.floor(np.asarray(columns[k], np.float64).reshape(n) * scale).astype(np.int64)
             for k in ("bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1")}
     return pa.table({
         "class": pa.array(name, pa.string()),
         "class_id": pa.array(cls, pa.int16()),
         "probability": pa.array(np.asarray(columns["probability"], np.float32).reshape(n)),
-        "centroid_x": pa.array(cx * scale), "centroid_y": pa.array(cy * scale),
+        "centroid_x": pa.array(to_level0(cx, scale)), "centroid_y": pa.array(to_level0(cy, scale)),
         "centroid_x_um": pa.array(cx * model_mpp), "centroid_y_um": pa.array(cy * model_mpp),
         "area_um2": pa.array((np.asarray(columns["area_px"], np.float64).reshape(n)
                               * model_mpp ** 2).astype(np.float32)),
@@ -75,12 +76,36 @@ def nuclei_table(columns: dict[str, np.ndarray], outlines: list[np.ndarray], sca
     })
 
 
+def to_level0(values: np.ndarray, scale: float) -> np.ndarray:
+    """Model-pixel coordinates (pixel centres at integers) → level-0 pixel coordinates, ``scale``
+    level-0 pixels per model pixel: the centre of model pixel v covers level-0 pixels
+    [v·s, (v+1)·s), whose centre is (v + 0.5)·s − 0.5."""
+    return (np.asarray(values, np.float64) + 0.5) * scale - 0.5
+
+
+def valid_outlines(polygons):
+    """Polygons traced around pixel masks, made valid: such outlines touch themselves where a
+    nucleus is one pixel thin (invalid for GEOS, GeoPandas and DuckDB). ``buffer(0)`` resolves
+    that; where it splits a polygon, the largest part is kept; holes are dropped (the GeoJSON
+    outline is the exterior ring too)."""
+    _, _, shapely = _arrow()
+    fixed = shapely.buffer(polygons, 0)
+    for i in np.flatnonzero(shapely.get_type_id(fixed) != shapely.GeometryType.POLYGON):
+        parts = shapely.get_parts(fixed[i])
+        fixed[i] = parts[np.argmax(shapely.area(parts))] if len(parts) else polygons[i]
+    return shapely.polygons(shapely.get_exterior_ring(fixed))
+
+
 def write_table(table, path: Path) -> None:
-    """``table`` to ``path`` as Parquet, atomically (a temporary file renamed over it)."""
+    """``table`` to ``path`` as Parquet, atomically (a temporary file, flushed to disk, renamed
+    over it): a crash never leaves a truncated block file that looks finished."""
     _, pq, _ = _arrow()
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        pq.write_table(table, tmp)
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
@@ -92,15 +117,27 @@ def read_table(path: Path):
     return pq.read_table(path)
 
 
+def readable_table(path: Path) -> bool:
+    """Whether ``path`` is a complete Parquet file (its footer reads)."""
+    _, pq, _ = _arrow()
+    try:
+        pq.read_metadata(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 class Overlay:
     """A low-resolution picture of the slide with every nucleus outlined in its class colour.
 
-    ``base`` uint8 RGB (H, W, 3), the slide at ``factor`` level-0 pixels per overlay pixel.
-    Nuclei smaller than a few overlay pixels become dots of their class colour."""
+    ``base`` uint8 RGB (H, W, 3), the slide at ``factor`` level-0 pixels per overlay pixel;
+    ``fill_alpha``: opacity of the class colour inside each nucleus (0: outlines only). Nuclei
+    smaller than a few overlay pixels become dots of their class colour."""
 
-    def __init__(self, base: np.ndarray, factor: float):
+    def __init__(self, base: np.ndarray, factor: float, fill_alpha: float = 0.0):
         self.image = np.ascontiguousarray(base.copy())
         self.factor = factor
+        self.fill_alpha = fill_alpha
 
     def draw(self, table) -> None:
         _, _, shapely = _arrow()
@@ -120,8 +157,16 @@ class Overlay:
             if extent < 3:
                 centre = tuple(int(v) for v in ring.mean(axis=0))
                 cv2.circle(self.image, centre, 1, colour, -1)
-            else:
-                cv2.polylines(self.image, [ring], True, colour, 1, cv2.LINE_AA)
+                continue
+            if self.fill_alpha > 0:
+                x0, y0 = np.maximum(ring.min(axis=0), 0)
+                x1, y1 = ring.max(axis=0) + 1
+                patch = self.image[y0:y1, x0:x1]
+                if patch.size:
+                    filled = patch.copy()
+                    cv2.fillPoly(filled, [ring - (x0, y0)], colour)
+                    cv2.addWeighted(filled, self.fill_alpha, patch, 1 - self.fill_alpha, 0, dst=patch)
+            cv2.polylines(self.image, [ring], True, colour, 1, cv2.LINE_AA)
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.tmp.png")

@@ -20,6 +20,7 @@ Outputs per slide, in ``<out>/<slide name>/``, all written atomically::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
+import keras
 import numpy as np
 
 from xsight_keras.files import atomic_write_text
@@ -43,6 +45,7 @@ from xsight_keras.slides.outputs import (
     Overlay,
     nuclei_table,
     read_table,
+    readable_table,
     write_table,
 )
 from xsight_keras.slides.reader import SlideError, SlideReader
@@ -59,8 +62,9 @@ class SlideSettings:
     ``block``: the core of one block (its nuclei are the block's); ``margin``: context read
     around each core, at least the largest nucleus' diameter so that a nucleus whose centroid
     is in the core is whole; ``slide_mpp``: the slides' µm per pixel when their metadata has
-    none (or a wrong one); ``tissue_mpp``: the scale tissue is found at; ``overlay_px``: the
-    overlay's longest side; ``gzip``: write ``.geojson.gz``; ``workers``: reading threads.
+    none; ``tissue_mpp``: the scale tissue is found at; ``overlay_px``: the overlay's longest
+    side; ``overlay_fill``: opacity of the class colour inside each nucleus on the overlay (0:
+    outlines only); ``gzip``: write ``.geojson.gz``; ``workers``: reading threads.
     """
 
     block: int = 2048
@@ -68,6 +72,7 @@ class SlideSettings:
     slide_mpp: float | None = None
     tissue_mpp: float = TISSUE_MPP
     overlay_px: int = 4096
+    overlay_fill: float = 0.0
     gzip: bool = False
     workers: int = 2
 
@@ -87,15 +92,23 @@ def slide_preprocess(predictor: Predictor, shape: tuple[int, int], clahe_cell: f
     return dataclasses.replace(pre, clahe_grid=(grid[1], grid[0]))  # OpenCV: (columns, rows)
 
 
+def weights_digest(model) -> str:
+    """A hash of every weight of ``model``: two models predict alike only if it is equal."""
+    digest = hashlib.blake2b(digest_size=16)
+    for weight in model.weights:
+        digest.update(np.ascontiguousarray(keras.ops.convert_to_numpy(weight)).tobytes())
+    return digest.hexdigest()
+
+
 def _run_fingerprint(predictor: Predictor, settings: SlideSettings, model_mpp: float,
                      postprocess: PostprocessConfig, clahe_cell: float, model_id: str) -> dict:
-    """What a slide's block files depend on: a resume with anything else starts over."""
-    return {"model": model_id, "model_mpp": model_mpp, "tile_size": predictor.tile_size,
+    """What a slide's outputs depend on: a resume with anything else starts over, and a
+    finished slide is only skipped when it was predicted with the same."""
+    return {"model": model_id, "weights": weights_digest(predictor.model), "model_mpp": model_mpp, "tile_size": predictor.tile_size,
             "overlap": predictor.overlap, "tta": list(predictor.transforms),
             "preprocess": predictor.preprocess.to_dict(), "clahe_cell": clahe_cell,
             "postprocess": postprocess.to_dict(), "block": settings.block,
-            "margin": settings.margin, "slide_mpp": settings.slide_mpp,
-            "tissue_mpp": settings.tissue_mpp}
+            "margin": settings.margin, "tissue_mpp": settings.tissue_mpp}
 
 
 def _json_ready(value):
@@ -120,18 +133,21 @@ def predict_slide(slide, predictor: Predictor, out_dir, model_mpp: float,
     slide = Path(slide)
     out = Path(out_dir) / slide.stem
     done = out / SUMMARY_FILE
-    if done.is_file():
-        return json.loads(done.read_text())
-    if predictor.resize_to is not None:
-        raise ValueError("this model was trained on whole images resized to one size "
-                         "(resize_mode: resize); it cannot be run over a slide's tiles")
+    check_predictor(predictor)
     class_names = label_names(class_names or predictor.class_names or ["nucleus"])
     grid = predictor.preprocess.clahe_grid
     clahe_cell = float(clahe_cell or predictor.tile_size / max(grid))
+    fingerprint = _json_ready(_run_fingerprint(predictor, settings, model_mpp, postprocess,
+                                               clahe_cell, model_id))
+    if done.is_file():
+        summary = json.loads(done.read_text())
+        before = {k: v for k, v in summary.get("settings", {}).items() if k != "slide"}
+        if before != fingerprint:
+            raise ValueError(f"{out} holds this slide predicted with another model or other "
+                             "settings: delete that folder or predict into another --out")
+        return summary
     with SlideReader(slide, model_mpp, settings.slide_mpp) as reader:
         partial = out / PARTIAL_DIR
-        fingerprint = _json_ready(_run_fingerprint(predictor, settings, model_mpp, postprocess,
-                                                   clahe_cell, model_id))
         stat = slide.stat()
         fingerprint["slide"] = {"path": str(slide.resolve()), "bytes": stat.st_size,
                                 "modified_ns": stat.st_mtime_ns, **reader.describe()}
@@ -142,7 +158,8 @@ def predict_slide(slide, predictor: Predictor, out_dir, model_mpp: float,
         cv2.imwrite(str(partial / "tissue.png"), mask.astype(np.uint8) * 255)
         factor = reader.size[1] / mask.shape[1]  # model pixels per thumbnail pixel
         blocks, tiles = _blocks_with_tissue(reader.size, settings, mask, factor, predictor)
-        finished = {int(p.stem) for p in (partial / "blocks").glob("*.parquet")}
+        finished = {int(p.stem) for p in (partial / "blocks").glob("*.parquet")
+                    if readable_table(p)}  # a damaged file is predicted again
         todo = [b for b in blocks if b.index not in finished]
         t_tissue = time.perf_counter() - started
 
@@ -171,6 +188,13 @@ def predict_slide(slide, predictor: Predictor, out_dir, model_mpp: float,
     atomic_write_text(done, json.dumps(_json_ready(summary), indent=2))
     shutil.rmtree(partial, ignore_errors=True)
     return summary
+
+
+def check_predictor(predictor: Predictor) -> None:
+    """Refuse a model that cannot run over a slide's tiles (before any slide is read)."""
+    if predictor.resize_to is not None:
+        raise ValueError("this model was trained on whole images resized to one size "
+                         "(resize_mode: resize); it cannot be run over a slide's tiles")
 
 
 def _open_partial(partial: Path, fingerprint: dict) -> None:
@@ -297,7 +321,8 @@ def _write_outputs(reader: SlideReader, out: Path, partial: Path, blocks, mask, 
     w0 = reader.size[1] * reader.scale
     h0 = reader.size[0] * reader.scale
     overlay_mpp = max(max(h0, w0) / settings.overlay_px * reader.slide_mpp, reader.target_mpp)
-    overlay = Overlay(reader.thumbnail(overlay_mpp), overlay_mpp / reader.slide_mpp)
+    overlay = Overlay(reader.thumbnail(overlay_mpp), overlay_mpp / reader.slide_mpp,
+                      settings.overlay_fill)
     geojson_path = out / f"{name}.geojson{'.gz' if settings.gzip else ''}"
     table_path = out / f"{name}_nuclei.parquet"
     geojson = GeoJSONWriter(geojson_path, name, class_names)
@@ -373,26 +398,29 @@ def predict_cohort(slides, predictor: Predictor, out_dir, model_mpp: float, shar
     ``out_dir/cohort_summary.json`` (``cohort_summary_<I>of<N>.json`` for a shard):
     ``done``, ``skipped`` (finished earlier) and ``failed`` ({slide, error}) lists.
     """
+    check_predictor(predictor)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    slides = shard([Path(s) for s in slides], shard_spec)
+    slides = [Path(s) for s in slides]
     stems: dict[str, Path] = {}
-    for s in slides:
+    for s in slides:  # the whole list, so that two shards never share a folder
         if s.stem in stems:
             raise ValueError(f"two slides would write to {out_dir / s.stem}: {stems[s.stem]} and "
                              f"{s}; rename one or predict them into different --out folders")
         stems[s.stem] = s
+    slides = shard(slides, shard_spec)
     result = {"done": [], "skipped": [], "failed": [], "shard": shard_spec}
     started = time.perf_counter()
     for s in slides:
-        if (out_dir / s.stem / SUMMARY_FILE).is_file():
-            result["skipped"].append(str(s))
-            continue
+        finished = (out_dir / s.stem / SUMMARY_FILE).is_file()
         try:
             summary = predict_slide(s, predictor, out_dir, model_mpp, **kwargs)
         except (SlideError, OSError, ValueError) as exc:
             result["failed"].append({"slide": str(s), "error": f"{type(exc).__name__}: {exc}"})
             print(f"error: {s}: {exc}")
+            continue
+        if finished:
+            result["skipped"].append(str(s))
             continue
         result["done"].append({"slide": str(s), "nuclei": summary["nuclei"],
                                "seconds": summary["seconds"]["total"]})

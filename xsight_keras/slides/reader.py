@@ -37,8 +37,8 @@ def _openslide():
 class SlideReader:
     """One slide opened for reading at ``target_mpp`` microns per pixel (the model's scale).
 
-    ``mpp`` overrides the slide's own resolution (``openslide.mpp-x``/``-y`` from the file's
-    metadata), for slides that carry none or a wrong one. Coordinates in :meth:`read` and
+    ``mpp`` is the slide's resolution when its metadata (``openslide.mpp-x``/``-y``) has none;
+    the metadata wins where it exists. Coordinates in :meth:`read` and
     :attr:`size` are pixels at the target scale ("model pixels"); :attr:`scale` converts them
     to level-0 pixels (slide pixels, QuPath's coordinates).
     """
@@ -48,14 +48,20 @@ class SlideReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideError(f"{self.path}: no such file")
+        if target_mpp is None or target_mpp <= 0:
+            raise SlideError(f"{self.path}: the model's microns per pixel is unknown (the run's "
+                             "config.json has no mpp): pass --model_mpp")
+        if mpp is not None and not mpp > 0:
+            raise SlideError(f"{self.path}: --mpp must be a positive number of µm per pixel, got {mpp}")
         try:
             self._slide = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, openslide.OpenSlideUnsupportedFormatError) as exc:
             raise SlideError(f"{self.path}: OpenSlide cannot open it ({exc or type(exc).__name__})") from exc
-        self.slide_mpp = float(mpp) if mpp else self._metadata_mpp()
-        if target_mpp is None or target_mpp <= 0:
-            raise SlideError(f"{self.path}: the model's microns per pixel is unknown (the run's "
-                             "config.json has no mpp): pass --model_mpp")
+        try:
+            self.slide_mpp = self._metadata_mpp(fallback=mpp)
+        except SlideError:
+            self._slide.close()
+            raise
         self.target_mpp = float(target_mpp)
         self.scale = self.target_mpp / self.slide_mpp  # level-0 pixels per model pixel
         w0, h0 = self._slide.dimensions
@@ -63,7 +69,7 @@ class SlideReader:
         self.level = self._choose_level()
         self.level_downsample = float(self._slide.level_downsamples[self.level])
 
-    def _metadata_mpp(self) -> float:
+    def _metadata_mpp(self, fallback: float | None = None) -> float:
         props = self._slide.properties
         values = []
         for key in ("openslide.mpp-x", "openslide.mpp-y"):
@@ -72,6 +78,8 @@ class SlideReader:
             except (KeyError, ValueError):
                 pass
         if not values or not all(v > 0 and math.isfinite(v) for v in values):
+            if fallback:
+                return float(fallback)
             raise SlideError(f"{self.path}: the slide has no resolution in its metadata "
                              "(openslide.mpp-x/-y): pass --mpp with its microns per pixel "
                              "(about 0.25 at 40x, 0.5 at 20x)")
