@@ -99,12 +99,6 @@ def default_batch_size() -> int:
     return 4
 
 
-def _file_id(path: Path) -> str:
-    """Path, size and modification time: a retrained model does not resume another's blocks."""
-    stat = path.stat()
-    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     kwargs = dict(tile_size=args.tile_size, overlap=args.overlap,
@@ -120,11 +114,11 @@ def main(argv=None) -> int:
             model_mpp = args.model_mpp or run.settings.get("mpp")
             postprocess = load_postprocess(args.run)
             cell = args.clahe_cell or validation_image_size(run) / max(predictor.preprocess.clahe_grid)
-            model_id = _file_id(Path(args.run) / "best.keras")
+            model_id = str(Path(args.run).resolve() / "best.keras")
         else:
             predictor = Predictor(load_model_file(args.model), PreprocessConfig(), **kwargs)
             model_mpp, postprocess, cell = args.model_mpp, PostprocessConfig(), args.clahe_cell
-            model_id = _file_id(Path(args.model))
+            model_id = str(Path(args.model).resolve())
         if not model_mpp:
             raise ValueError("the model's µm per pixel is unknown (its run has no mpp): pass "
                              "--model_mpp (0.25 for a model trained on 40x tiles)")

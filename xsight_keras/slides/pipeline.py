@@ -101,11 +101,12 @@ def weights_digest(model) -> str:
 
 
 def _run_fingerprint(predictor: Predictor, settings: SlideSettings, model_mpp: float,
-                     postprocess: PostprocessConfig, clahe_cell: float, model_id: str) -> dict:
+                     postprocess: PostprocessConfig, clahe_cell: float) -> dict:
     """What a slide's outputs depend on: a resume with anything else starts over, and a
-    finished slide is only skipped when it was predicted with the same."""
-    return {"model": model_id, "weights": weights_digest(predictor.model), "model_mpp": model_mpp, "tile_size": predictor.tile_size,
-            "overlap": predictor.overlap, "tta": list(predictor.transforms),
+    finished slide is only skipped when it was predicted with the same. The model counts by
+    its weights, not its path, so a moved or copied run still resumes and skips."""
+    return {"weights": weights_digest(predictor.model), "model_mpp": model_mpp,
+            "tile_size": predictor.tile_size, "overlap": predictor.overlap, "tta": list(predictor.transforms),
             "preprocess": predictor.preprocess.to_dict(), "clahe_cell": clahe_cell,
             "postprocess": postprocess.to_dict(), "block": settings.block,
             "margin": settings.margin, "tissue_mpp": settings.tissue_mpp}
@@ -125,9 +126,11 @@ def predict_slide(slide, predictor: Predictor, out_dir, model_mpp: float,
     overlap, batch size and TTA are used as they are); ``out_dir``: the slide's outputs go to
     ``out_dir/<slide name>/``; ``model_mpp``: the µm per pixel the model was trained at
     (a run's ``mpp``); ``clahe_cell``: pixels per CLAHE cell of the images the model was
-    validated on (default the tile size over the grid); ``model_id``: names the model in the resume fingerprint. A slide
-    whose ``summary.json`` exists is not predicted again (delete the folder to redo it).
-    Raises :class:`SlideError` for a slide that cannot be read.
+    validated on (default the tile size over the grid); ``model_id``: where the model came
+    from, recorded in the summary. A slide whose ``summary.json`` was written with the same
+    model weights and settings is not predicted again; one written with others raises
+    ``ValueError`` (delete the folder to redo it). Raises :class:`SlideError` for a slide that
+    cannot be read.
     """
     started = time.perf_counter()
     slide = Path(slide)
@@ -138,7 +141,7 @@ def predict_slide(slide, predictor: Predictor, out_dir, model_mpp: float,
     grid = predictor.preprocess.clahe_grid
     clahe_cell = float(clahe_cell or predictor.tile_size / max(grid))
     fingerprint = _json_ready(_run_fingerprint(predictor, settings, model_mpp, postprocess,
-                                               clahe_cell, model_id))
+                                               clahe_cell))
     if done.is_file():
         summary = json.loads(done.read_text())
         before = {k: v for k, v in summary.get("settings", {}).items() if k != "slide"}
@@ -180,7 +183,7 @@ def predict_slide(slide, predictor: Predictor, out_dir, model_mpp: float,
         "tiles_predicted": stats["tiles"], "nuclei_cut_by_margin": stats["cut"],
         "seconds": {"tissue": round(t_tissue, 2), "predict": round(t_predict, 2),
                     "total": round(time.perf_counter() - started, 2)},
-        "settings": fingerprint,
+        "model": model_id, "settings": fingerprint,
     })
     if stats["cut"]:
         summary["warning"] = (f"{stats['cut']} nuclei touched the edge of their block's margin and "

@@ -79,10 +79,9 @@ class Mosaic:
         gy, gx = ys // t, xs // t
         src = (gy[:, None] * 7 + gx[None, :] * 3) % len(self.images)
         values = pick(src, ys[:, None] % t, xs[None, :] % t)
-        if self.tissue is not None:
-            inside = self.tissue(ys[:, None], xs[None, :])
-            return values, inside, gy[:, None] * 100000 + gx[None, :]
-        return values, np.ones((h, w), bool), gy[:, None] * 100000 + gx[None, :]
+        inside = (np.ones((h, w), bool) if self.tissue is None
+                  else self.tissue(ys[:, None], xs[None, :]))
+        return values, inside, gy[:, None] * 100000 + gx[None, :]
 
     def render(self, y: int, x: int, h: int, w: int) -> np.ndarray:
         values, inside, _ = self._grid(y, x, h, w, lambda s, r, c: self.images[s, r, c])
