@@ -113,6 +113,7 @@ def write_table(table, path: Path) -> None:
 
 
 def read_table(path: Path):
+    """The ``pyarrow.Table`` of a block file written by :func:`write_table`."""
     _, pq, _ = _arrow()
     return pq.read_table(path)
 
