@@ -252,13 +252,83 @@ def test_early_stopping_state_round_trip():
     assert compat.early_stopping_state(callback)["best_epoch"] == 3
 
 
+# graphs, autocasting, loss scaling ------------------------------------------------------------
+
+
+def test_graph_nodes_lists_every_call_after_its_inputs():
+    inputs = keras.Input((3,))
+    a = layers.Dense(4, name="a")(inputs)
+    b = layers.Dense(4, name="b")(inputs)
+    outputs = layers.Add(name="sum")([layers.ReLU(name="r")(a), b])
+    model = keras.Model(inputs, outputs)
+    nodes = compat.graph_nodes(model)
+    names = [op.name for op, *_ in nodes]
+    assert sorted(names) == ["a", "b", "r", "sum"], (
+        f"Functional._nodes_by_depth no longer holds one node per call (input nodes left "
+        f"out): {names}")
+    made = {id(inputs)}
+    for op, args, kwargs, outs in nodes:
+        used = [t for t in keras.tree.flatten((args, kwargs)) if isinstance(t, keras.KerasTensor)]
+        assert used and all(id(t) in made for t in used), (
+            f"Functional._nodes_by_depth, read deepest first, no longer runs {op.name} after "
+            "the calls that make its inputs (or Node.arguments lost its tensors)")
+        made |= {id(t) for t in outs}
+    assert id(model.outputs[0]) in made, "Node.outputs no longer holds the node's KerasTensors"
+
+
+class _AutocastProbe(layers.Layer):
+    def build(self, shape):
+        self.w = self.add_weight(shape=(), initializer="ones")
+
+    def call(self, x):
+        scope = compat.current_autocast_scope()
+        self.seen = None if scope is None else scope.dtype
+        self.read = keras.backend.standardize_dtype(keras.ops.convert_to_tensor(self.w).dtype)
+        with compat.autocast_scope(None):
+            self.read_off = keras.backend.standardize_dtype(
+                keras.ops.convert_to_tensor(self.w).dtype)
+        return x
+
+
+def test_autocast_scope_is_what_layer_call_opens():
+    probe = _AutocastProbe(dtype="mixed_float16")
+    probe(np.ones((1, 2), "float32"))
+    assert probe.seen == "float16" and probe.read == "float16", (
+        "Layer.__call__ no longer opens an AutocastScope(compute dtype) seen by "
+        f"get_autocast_scope(), or variables no longer read as it says: {probe.seen}, {probe.read}")
+    assert probe.read_off == "float32", "AutocastScope(None) no longer switches casting off"
+    plain = _AutocastProbe()
+    plain(np.ones((1, 2), "float32"))
+    assert plain.seen is None, "a float32 layer's call runs inside an autocast scope"
+
+
+@torch_only
+def test_loss_scale_apply_override_replaces_common_apply():
+    class Probe(compat.LossScaleApplyOverride, keras.optimizers.LossScaleOptimizer):
+        calls = 0
+
+        def apply_scaled(self, grads, trainable_variables):
+            Probe.calls += 1
+            return True
+
+    model = _model(optimizer=Probe(keras.optimizers.SGD()))
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    model.train_on_batch(*_data(4))
+    assert Probe.calls == 1, (
+        "LossScaleOptimizer.apply no longer calls self._common_apply(grads, variables) once "
+        "per step on this backend")
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(before, model.trainable_variables)), (
+        "LossScaleOptimizer.apply changed the weights itself besides _common_apply")
+
+
 # the package uses Keras internals through compat only ---------------------------------------
 
 #: private Keras names the package relies on (found on instances below too, most of them)
 KNOWN_PRIVATE = {
     "_value", "_kernel", "_flatten_layers", "_get_metrics_result_or_logs", "_backend_update_step",
     "_apply_weight_decay", "_get_variable_index", "_momentums", "_velocities", "_use_weight_decay",
-    "_direct_assign", "_iterations", "_trainable_variables", "_layers",
+    "_direct_assign", "_iterations", "_trainable_variables", "_layers", "_nodes_by_depth",
+    "_common_apply",
 }
 
 

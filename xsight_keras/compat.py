@@ -88,6 +88,50 @@ def variable_version(variable) -> tuple[int, int]:
     return id(value), value._version
 
 
+def current_autocast_scope():
+    """The innermost autocast scope in force (its ``.dtype``: the dtype variables read inside
+    it are cast to, or None when it switches casting off), or None outside any.
+
+    Relies on: ``keras.src.backend.get_autocast_scope()``, and ``Layer.__call__`` opening an
+    ``AutocastScope`` around ``call`` when the layer's compute dtype differs from its
+    variables' dtype (or from the scope it was called in).
+    """
+    from keras.src.backend import get_autocast_scope
+
+    return get_autocast_scope()
+
+
+def autocast_scope(dtype: str | None):
+    """A context manager in which variables (those created with ``autocast=True``) read as
+    ``dtype``; ``None`` switches casting off.
+
+    Relies on: ``keras.src.backend.AutocastScope(dtype)``, what ``Layer.__call__`` opens.
+    """
+    from keras.src.backend import AutocastScope
+
+    return AutocastScope(dtype)
+
+
+def graph_nodes(model: keras.Model) -> list:
+    """The calls of a Functional model in the order Keras runs them: a list of
+    ``(operation, args, kwargs, outputs)`` per node, ``args`` / ``kwargs`` holding the model's
+    ``KerasTensor``s where tensors go, ``outputs`` the ``KerasTensor``s the node produces.
+    Input nodes are left out.
+
+    Relies on: ``Functional._nodes_by_depth`` ({depth: [Node]}, run from the deepest depth
+    down) and each ``Node``'s ``operation``, ``is_input``, ``arguments.args``,
+    ``arguments.kwargs`` and ``outputs``, as ``Function._run_through_graph`` reads them.
+    """
+    nodes = []
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            if node.operation is None or node.is_input:
+                continue
+            nodes.append((node.operation, tuple(node.arguments.args),
+                          dict(node.arguments.kwargs), list(node.outputs)))
+    return nodes
+
+
 # optimizers ---------------------------------------------------------------------------------
 
 
@@ -148,6 +192,26 @@ class UpdateStepOverride:
         if not self.replaces_update_step():
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         return self.update_all_variables(grads, trainable_variables, learning_rate)
+
+
+class LossScaleApplyOverride:
+    """Mixin for a subclass of ``keras.optimizers.LossScaleOptimizer`` (put it first among the
+    bases) that decides a step itself: ``apply_scaled(grads, variables)`` returns True when it
+    did the whole step (finite check, unscaling, the inner optimizer's update, the loss scale
+    and its counter), False to let Keras' own code run.
+
+    Relies on: ``LossScaleOptimizer.apply`` building the optimizer, then (on backends other
+    than TensorFlow) calling ``self._common_apply(grads, trainable_variables)`` once per step,
+    which Keras implements as ``check_finite`` and an ``ops.cond`` between applying the
+    unscaled gradients with the inner optimizer and halving ``dynamic_scale``.
+    """
+
+    def apply_scaled(self, grads, trainable_variables) -> bool:
+        return False
+
+    def _common_apply(self, grads, trainable_variables=None):
+        if not self.apply_scaled(grads, trainable_variables):
+            super()._common_apply(grads, trainable_variables)
 
 
 def wrap_optimizer_apply(optimizer, wrapper) -> None:
