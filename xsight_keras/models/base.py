@@ -18,6 +18,7 @@ import contextlib
 import keras
 
 from xsight_keras._backend import default_data_format, resolve_data_format
+from xsight_keras.models.lean_graph import LeanGraph, lean_by_default, lean_call_applies
 
 
 @contextlib.contextmanager
@@ -60,6 +61,20 @@ class SegmentationModel(keras.Model):
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in arguments.items()}
         object.__setattr__(self, "_arguments", {**config, "data_format": data_format,
                                                  "dtype_policy": policy})
+        object.__setattr__(self, "_lean", None)  # the LeanGraph, planned at the first call
+        object.__setattr__(self, "lean_execution", lean_by_default())
+
+    def call(self, inputs, training=None, mask=None):
+        """Keras' Functional call; on the torch backend, eager calls on a tensor run through a
+        :class:`~xsight_keras.models.lean_graph.LeanGraph` (same results, without Keras'
+        per-layer bookkeeping) unless ``model.lean_execution`` is False (its default comes
+        from :func:`~xsight_keras.models.lean_graph.lean_by_default`)."""
+        if self.lean_execution and lean_call_applies(inputs, mask):
+            if self._lean is None:
+                object.__setattr__(self, "_lean", LeanGraph.plan(self) or False)
+            if self._lean:
+                return self._lean.run(inputs, training)
+        return super().call(inputs, training=training, mask=mask)
 
     def _graph(self, **arguments):
         raise NotImplementedError
