@@ -99,6 +99,9 @@ class RunConfig:
     frequency_weighting: bool = True  # Dice class weights from the training split's pixel counts
     # regularisation and averaging
     use_mixed_precision: bool = False
+    # 16-bit type of mixed precision on CUDA: float16 (loss scaling on the device) or bfloat16
+    # (Ampere and later; no loss scaling). CPUs and JAX accelerators always use bfloat16
+    mixed_precision_dtype: str = "float16"
     jit_compile: bool = False
     cpu_malloc_tuning: bool = False  # torch CPU training: glibc keeps freed memory (host_memory)
     use_ema: bool = False
@@ -296,6 +299,9 @@ def validate_config(config: RunConfig) -> None:
     if not 0 < config.grown_lr_factor <= 1:
         raise ValueError(f"grown_lr_factor must be in (0, 1] (the grown stages' peak learning "
                          f"rate as a fraction of lr), got {config.grown_lr_factor}")
+    if config.mixed_precision_dtype not in ("float16", "bfloat16"):
+        raise ValueError(f"mixed_precision_dtype must be float16 or bfloat16, got "
+                         f"{config.mixed_precision_dtype!r}")
     if config.precise_bn_batches < 0:
         raise ValueError(f"precise_bn_batches must be 0 (off) or a number of batches, got "
                          f"{config.precise_bn_batches}")

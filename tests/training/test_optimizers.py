@@ -113,3 +113,101 @@ def test_fused_optimizer_round_trips_with_the_model(tmp_path):
     model.fit(x, y, epochs=1, verbose=0)
     loaded.fit(x, y, epochs=1, verbose=0)
     np.testing.assert_allclose(loaded.get_weights()[0], model.get_weights()[0], rtol=1e-6, atol=1e-7)
+
+
+# DeviceLossScaleOptimizer ----------------------------------------------------------------------
+
+torch_only = pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch fast path")
+
+
+def _loss_scaled_run(wrapper, inner, policy="float32", steps=12, overflow=(2, 3, 7)):
+    """Train a small model with ``wrapper(inner)``; the listed steps overflow the scaled loss.
+    Returns (weights, optimizer variables, its iterations, scale, counter, tensor→bool reads)."""
+    import torch
+
+    from xsight_keras.models.base import building
+
+    keras.utils.set_random_seed(0)
+    with building("channels_first", policy):
+        inputs = keras.Input((2, 8, 8))
+        x = TorchOrderConv2D(4, 3, padding="same", data_format="channels_first")(inputs)
+        x = keras.layers.ReLU()(x)
+        outputs = keras.layers.Conv2D(3, 1, data_format="channels_first", dtype="float32")(x)
+        model = keras.Model(inputs, outputs)
+    optimizer = wrapper(inner, initial_scale=2.0**15, dynamic_growth_steps=3)
+    model.compile(optimizer=optimizer, loss="mse")
+    rng = np.random.default_rng(0)
+    reads = []
+    original = torch.Tensor.__bool__
+
+    def counting(self):
+        reads.append(1)
+        return original(self)
+
+    for i in range(steps):
+        x = rng.normal(size=(4, 2, 8, 8)).astype("float32")
+        y = rng.normal(size=(4, 3, 8, 8)).astype("float32")
+        if i in overflow:
+            y[0, 0, 0, 0] = 3e38  # the scaled loss's gradient overflows (in float32 too)
+        torch.Tensor.__bool__ = counting
+        try:
+            model.train_on_batch(x, y)
+        finally:
+            torch.Tensor.__bool__ = original
+    return ([v.numpy() for v in model.weights], [v.numpy() for v in optimizer.variables],
+            int(optimizer.iterations.numpy()), float(optimizer.dynamic_scale.numpy()),
+            int(optimizer.step_counter.numpy()), len(reads))
+
+
+@torch_only
+@pytest.mark.parametrize("policy", ["float32", "mixed_float16"])
+def test_device_loss_scaling_equals_keras_and_reads_nothing_back(policy):
+    """Skipped overflow steps, scale halving and growth, clipping and weight decay: the same
+    weights, moments, step count, scale and counter as Keras' LossScaleOptimizer, without the
+    two device→host boolean reads per step Keras' ``ops.cond`` makes."""
+    from xsight_keras.training import DeviceLossScaleOptimizer
+
+    def inner():
+        opt = FusedAdamW(1e-2, weight_decay=0.01, global_clipnorm=0.5)
+        opt.exclude_from_weight_decay(var_names=["bias"])
+        return opt
+
+    import torch
+
+    keras_run = _loss_scaled_run(keras.optimizers.LossScaleOptimizer, inner(), policy)
+    device_run = _loss_scaled_run(DeviceLossScaleOptimizer, inner(), policy)
+    # bit for bit on the CPU; float32 rounding on a GPU (cuDNN's backward may use atomics)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if torch.cuda.is_available() else {}
+    assert_same_weights(device_run[0], keras_run[0], what="weights", **tol)
+    assert_same_weights(device_run[1], keras_run[1], what="optimizer variables", **tol)
+    assert device_run[2:5] == keras_run[2:5]
+    assert keras_run[2] == 9  # 12 steps, 3 skipped
+    assert keras_run[3] != 2.0**15  # the scale moved
+    assert keras_run[5] >= 12 and device_run[5] == 0
+
+
+@torch_only
+def test_device_loss_scaling_falls_back_to_keras_for_other_optimizers():
+    from xsight_keras.training import DeviceLossScaleOptimizer
+
+    keras_run = _loss_scaled_run(keras.optimizers.LossScaleOptimizer, keras.optimizers.AdamW(1e-2))
+    device_run = _loss_scaled_run(DeviceLossScaleOptimizer, keras.optimizers.AdamW(1e-2))
+    assert_same_weights(device_run[0], keras_run[0])
+    assert device_run[2:5] == keras_run[2:5] and device_run[5] > 0  # Keras' code ran
+
+
+def test_device_loss_scale_optimizer_round_trips_with_the_model(tmp_path):
+    from xsight_keras.training import DeviceLossScaleOptimizer
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    model.compile(optimizer=DeviceLossScaleOptimizer(FusedAdamW(1e-3), dynamic_growth_steps=7),
+                  loss="mse")
+    model.train_on_batch(np.ones((2, 3), "float32"), np.zeros((2, 2), "float32"))
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded.optimizer) is DeviceLossScaleOptimizer
+    assert type(loaded.optimizer.inner_optimizer) is FusedAdamW
+    assert loaded.optimizer.dynamic_growth_steps == 7
+    assert_same_weights([v.numpy() for v in loaded.optimizer.variables],
+                        [v.numpy() for v in model.optimizer.variables])

@@ -244,6 +244,26 @@ def test_mixed_precision_policy_follows_the_device(monkeypatch, capsys, native_b
     assert run.select_precision(load_config("demo")) == "float32"
 
 
+def test_bfloat16_on_cuda_is_chosen_by_mixed_precision_dtype(monkeypatch):
+    """On CUDA, mixed_precision_dtype picks float16 (the default) or bfloat16, and bfloat16 on
+    a GPU without it is refused by name (the CUDA queries are stubbed: no GPU here)."""
+    import torch
+
+    from xsight_keras.training import run
+
+    monkeypatch.setattr(run, "_cuda_available", lambda: True)
+    on = {"use_mixed_precision": True}
+    assert run.select_precision(load_config("demo", overrides=on)) == "mixed_float16"
+    bf16 = load_config("demo", overrides={**on, "mixed_precision_dtype": "bfloat16"})
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert run.select_precision(bf16) == "mixed_bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ValueError, match="does not compute bfloat16"):
+        run.select_precision(bf16)
+    with pytest.raises(ValueError, match="mixed_precision_dtype must be float16 or bfloat16"):
+        load_config("demo", overrides={"mixed_precision_dtype": "float8"})
+
+
 def test_native_bfloat16_is_read_from_the_cpu_flags():
     from xsight_keras.training.run import cpu_has_native_bfloat16
 

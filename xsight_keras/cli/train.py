@@ -35,7 +35,7 @@ FLAGS = {
     "lr_scaling": str, "cpu_malloc_tuning": bool, "head_branch_stages": int,
     "instance_loss_weight": float, "hover_loss_weight": float, "save_every_epochs": int,
     "precise_bn_batches": int, "fade_in_epochs": float, "grown_lr_factor": float,
-    "checkpoint_every_minutes": float, "mpp": float,
+    "checkpoint_every_minutes": float, "mpp": float, "mixed_precision_dtype": str,
 }
 
 

@@ -17,6 +17,7 @@ from xsight_keras.training.distributed import (
     install_data_parallel,
     shutdown_distributed,
 )
+from xsight_keras.training.loss_scale import DeviceLossScaleOptimizer
 from xsight_keras.training.losses import (
     BCEDiceLoss,
     BoundaryLoss,
@@ -33,7 +34,7 @@ from xsight_keras.training.schedules import OneCycle, WarmupCosine
 from xsight_keras.training.state import SyncLoaderEpoch
 
 __all__ = [
-    "BCEDiceLoss", "BestCheckpoint", "BoundaryLoss", "DistributedContext",
+    "BCEDiceLoss", "BestCheckpoint", "BoundaryLoss", "DeviceLossScaleOptimizer", "DistributedContext",
     "ExponentialMovingAverage", "FocalLoss", "FusedAdam", "FusedAdamW", "HybridLoss",
     "InstanceLoss", "OneCycle", "PreciseBatchNorm",
     "ScheduleLogger", "SegmentationScore", "SoftDiceLoss", "StochasticWeightAveraging",

@@ -87,7 +87,10 @@ class _FusedAdamUpdate(UpdateStepOverride):
         kernel = self._fused()
         import torch
 
-        step = self._host_step()  # Keras' local step, iterations + 1
+        # under DeviceLossScaleOptimizer: the step is skipped on the device when found_inf is
+        # set, the step count is the device's, and eps is placed with the host's best count
+        found_inf = getattr(self, "_found_inf", None)
+        step = self._host_step() if found_inf is None else self._step_hint  # iterations + 1
         # Keras divides by (sqrt(v) + eps) after folding sqrt(1 - beta_2^t) into the step size;
         # PyTorch by (sqrt(v) / sqrt(1 - beta_2^t) + eps): the same update with this eps.
         eps = self.epsilon / math.sqrt(1.0 - self.beta_2 ** step)
@@ -108,11 +111,17 @@ class _FusedAdamUpdate(UpdateStepOverride):
                 items.append(item)
         with torch.no_grad():
             for (device, _, use_decay), (params, grad_list, m, v) in groups.items():
-                steps = [torch.full((), step, dtype=torch.float32, device=device)] * len(params)
+                if found_inf is None:
+                    steps = [torch.full((), step, dtype=torch.float32, device=device)]
+                    skip = None
+                else:
+                    steps = [self.iterations.value.to(device, torch.float32) + 1.0]
+                    skip = found_inf.to(device).reshape(1)
                 lr = _learning_rate_for(learning_rate, device)
-                kernel(params, grad_list, m, v, [], steps, lr=lr, beta1=self.beta_1,
-                       beta2=self.beta_2, weight_decay=decay if use_decay else 0.0, eps=eps,
-                       amsgrad=False, maximize=False)
+                kernel(params, grad_list, m, v, [], steps * len(params), lr=lr,
+                       beta1=self.beta_1, beta2=self.beta_2,
+                       weight_decay=decay if use_decay else 0.0, eps=eps, amsgrad=False,
+                       maximize=False, found_inf=skip)
             for original, copy in write_back:
                 original.copy_(copy)
 

@@ -44,6 +44,7 @@ from xsight_keras.training.distributed import (
     scaled_learning_rate,
 )
 from xsight_keras.training.host_memory import keep_freed_memory_in_process
+from xsight_keras.training.loss_scale import DeviceLossScaleOptimizer
 from xsight_keras.training.losses import class_weights_from_counts, multiscale_losses
 from xsight_keras.training.metrics import segmentation_metrics
 from xsight_keras.training.preemption import StopSignals
@@ -83,11 +84,19 @@ class RunResult:
 
 def select_precision(config: RunConfig) -> str:
     """The dtype policy for this run: float32, or with ``use_mixed_precision`` mixed_float16 on
-    CUDA (torch), mixed_bfloat16 on a JAX GPU/TPU or on a CPU that computes bfloat16 natively
-    (:func:`cpu_has_native_bfloat16`); elsewhere float32, with a note on stderr."""
+    CUDA (torch; mixed_bfloat16 with ``mixed_precision_dtype: bfloat16``), mixed_bfloat16 on a
+    JAX GPU/TPU or on a CPU that computes bfloat16 natively (:func:`cpu_has_native_bfloat16`);
+    elsewhere float32, with a note on stderr."""
     if not config.use_mixed_precision:
         return "float32"
     if _cuda_available():
+        if config.mixed_precision_dtype == "bfloat16":
+            import torch
+
+            if not torch.cuda.is_bf16_supported():
+                raise ValueError("mixed_precision_dtype bfloat16: this GPU does not compute "
+                                 "bfloat16 (Ampere or later does); use float16")
+            return "mixed_bfloat16"
         return "mixed_float16"
     if _jax_accelerator():
         return "mixed_bfloat16"
@@ -327,8 +336,11 @@ def _fit(model, config, train, val, batch_size, epochs, run_dir, class_names, em
         monitor = "val_mean_fg_dice"
     # jit_compile False → Keras' "auto": XLA on JAX (eager JAX is slow and deadlocks under
     # DataParallel), eager on torch, where torch.compile did not pay off (README, Performance)
-    model.compile(optimizer=build_optimizer(config, steps, epochs, ctx.world_size, lr_factor),
-                  jit_compile=True if config.jit_compile else "auto", **compile_kwargs)
+    optimizer = build_optimizer(config, steps, epochs, ctx.world_size, lr_factor)
+    if model.dtype_policy.name == "mixed_float16":  # else Keras wraps its own, which syncs
+        optimizer = DeviceLossScaleOptimizer(optimizer)
+    model.compile(optimizer=optimizer, jit_compile=True if config.jit_compile else "auto",
+                  **compile_kwargs)
     partial = state.get("partial") if state else None
     initial_epoch = partial["epoch"] if partial else state["epoch"] + 1 if state else 0
     shard = {"rank": ctx.rank, "world_size": ctx.world_size}
