@@ -82,6 +82,37 @@ def test_tiled_prediction_equals_untiled_away_from_borders_at_any_size():
     assert Predictor(model, RAW, tile_size=64).predict_probabilities(small).shape == (40, 50, 3)
 
 
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="blending on the torch device")
+def test_blending_on_the_device_equals_blending_in_numpy():
+    """On torch the predictor keeps outputs on the model's device, undoes TTA there (a direction
+    field's channels included) and blends there: the same maps, bit for bit, as the numpy path
+    (other backends), with tissue-skipped tiles, a mirror-padded small image and 8-fold TTA."""
+    from xsight_keras.models import attention_unet
+
+    keras.utils.set_random_seed(5)
+    model = attention_unet(3, "resnet18", decoder_filters=(8, 8, 8, 8, 8), heads=("hv",),
+                           data_format="channels_first")
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 255, (150, 170, 3), dtype=np.uint8)
+    tissue = np.zeros((150, 170), bool)
+    tissue[:60, :70] = True
+    small = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    for tta in (None, "all"):
+        on_device = Predictor(model, RAW, tile_size=64, overlap=16, batch_size=5, tta=tta)
+        in_numpy = Predictor(model, RAW, tile_size=64, overlap=16, batch_size=5, tta=tta)
+        assert on_device._device is not None
+        in_numpy._device = None
+        for img, mask in ((image, None), (image, tissue), (small, None)):
+            a = on_device.predict_region(on_device.prepare_region(img, mask))
+            b = in_numpy.predict_region(in_numpy.prepare_region(img, mask))
+            assert a.keys() == b.keys() == {"semantic", "hv"}
+            for name in a:
+                assert isinstance(a[name], np.ndarray) and a[name].dtype == np.float32
+                np.testing.assert_allclose(a[name], b[name], rtol=1e-6, atol=1e-7, err_msg=name)
+            if mask is not None:  # tiles without tissue are skipped: 0 there
+                assert not a["semantic"][100:, 120:].any()
+
+
 def test_an_image_smaller_than_a_tile_is_mirror_padded():
     keras.utils.set_random_seed(3)
     model = local_model()  # each output pixel sees its 5×5 neighbourhood: the padding shows

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 
+from xsight_keras.compat import torch_tensor
 from xsight_keras.data.images import resize_image
 from xsight_keras.data.loader import parse_schedule
 from xsight_keras.data.preprocess import PreprocessConfig, preprocess_image
@@ -42,21 +43,35 @@ def predict_batch(model: keras.Model, x: np.ndarray):
     return keras.tree.map_structure(lambda v: v[:n], y) if len(x) != n else y
 
 
+def _by_role(model: keras.Model, y) -> dict:
+    """The model's outputs ``y`` keyed by role: the class probabilities under
+    :data:`~xsight_keras.heads.SEMANTIC` (a PGU-Net's ``fused`` map) and every other head's
+    maps under its name; PGU-Net's deep-supervision ``scale_{s}`` outputs are left out."""
+    y = as_output_dict(model, y)
+    maps = {SEMANTIC: y[primary_class_map(y)]}
+    maps.update((name, v) for name, v in y.items() if not is_class_map(name))
+    return maps
+
+
 def predict_maps(model: keras.Model, x: np.ndarray) -> dict[str, np.ndarray]:
     """Model outputs for a batch ``x`` (in the model's layout), as float32 channels-last arrays
-    (N, H, W, C) keyed by role: the class probabilities under :data:`~xsight_keras.heads.SEMANTIC`
-    (a PGU-Net's ``fused`` map) and every other head's maps under its name; PGU-Net's
-    deep-supervision ``scale_{s}`` outputs are left out."""
+    (N, H, W, C) keyed by role (see ``_by_role``)."""
     channels_first = model_data_format(model) == "channels_first"
-    y = as_output_dict(model, predict_batch(model, x))
-    primary = primary_class_map(y)
-    maps = {SEMANTIC: y[primary]}
-    maps.update((name, v) for name, v in y.items() if not is_class_map(name))
     out = {}
-    for name, v in maps.items():
+    for name, v in _by_role(model, predict_batch(model, x)).items():
         v = np.asarray(keras.ops.convert_to_numpy(v), np.float32)
         out[name] = np.moveaxis(v, 1, -1) if channels_first else v
     return out
+
+
+def _torch_device(model: keras.Model):
+    """The torch device of the model's weights on the torch backend, else None. The predictor
+    keeps outputs there until the blended map is complete: one transfer per image instead of
+    one per batch, and the blending runs on the GPU."""
+    if keras.backend.backend() != "torch" or not model.weights:
+        return None
+    value = torch_tensor(model.weights[0])
+    return None if value is None else value.device
 
 
 def class_probabilities(model: keras.Model, x: np.ndarray) -> np.ndarray:
@@ -71,7 +86,9 @@ def _restore_channels(head, maps: np.ndarray, k: int) -> np.ndarray:
     if change is None:
         return maps
     index, sign = change
-    return maps[..., list(index)] * np.asarray(sign, maps.dtype)
+    if isinstance(maps, np.ndarray):
+        return maps[..., list(index)] * np.asarray(sign, maps.dtype)
+    return maps[..., list(index)] * maps.new_tensor(sign)
 
 
 def blending_window(size: int, ramp: int, sides=(True, True, True, True)) -> np.ndarray:
@@ -170,6 +187,7 @@ class Predictor:
         self.tiles_predicted = 0  # tiles through the model so far (for progress reports)
         self._windows: dict = {}
         self._output_channels = None
+        self._device = _torch_device(model)  # None: outputs and blending in numpy
 
     @classmethod
     def from_run(cls, run_dir, model_path=None, **kwargs) -> Predictor:
@@ -181,11 +199,39 @@ class Predictor:
         kwargs.setdefault("resize_to", training_resize(run.settings, model))
         return cls(model, preprocess, **kwargs)
 
-    def _model_outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, T, T, C) float32 → :func:`predict_maps` of the model (channels last)."""
+    def _model_outputs(self, x: np.ndarray) -> dict:
+        """(N, T, T, C) float32 → {role: (N, T, T, K) float32} (:func:`predict_maps`): numpy
+        arrays, or on the torch backend tensors on the model's device (channels-last views)."""
         if self.channels_first:
             x = x.transpose(0, 3, 1, 2)
-        return predict_maps(self.model, np.ascontiguousarray(x))
+        x = np.ascontiguousarray(x)
+        if self._device is None:
+            return predict_maps(self.model, x)
+        import torch
+
+        with torch.no_grad():  # what predict_on_batch does, without the copy back to the host
+            y = self.model(torch.from_numpy(x).to(self._device), training=False)
+        maps = _by_role(self.model, y)
+        return {name: v.float().movedim(1, -1) if self.channels_first else v.float()
+                for name, v in maps.items()}
+
+    def _zeros(self, shape):
+        if self._device is None:
+            return np.zeros(shape, np.float32)
+        import torch
+
+        return torch.zeros(shape, dtype=torch.float32, device=self._device)
+
+    def _window(self, sides):
+        """The (T, T, 1) blending window of a tile with neighbours on ``sides``, cached."""
+        if sides not in self._windows:
+            window = blending_window(self.tile_size, self.overlap, sides)[..., None]
+            if self._device is not None:
+                import torch
+
+                window = torch.from_numpy(window).to(self._device)
+            self._windows[sides] = window
+        return self._windows[sides]
 
     def _forward(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
         """(B, T, T, C) float32 → {output: (B, T, T, K) float32}, TTA averaged.
@@ -202,7 +248,13 @@ class Predictor:
         result = {}
         for name in parts[0]:
             head = get_head(name)
-            outputs = np.concatenate([p[name] for p in parts])
+            outputs = [p[name] for p in parts]
+            if self._device is None:
+                outputs = np.concatenate(outputs)
+            else:
+                import torch
+
+                outputs = torch.cat(outputs)
             total = sum(_restore_channels(head, invert_transform(outputs[j * n:(j + 1) * n], k), k)
                         for j, k in enumerate(self.transforms))
             result[name] = total / len(self.transforms)
@@ -290,36 +342,40 @@ class Predictor:
         x, coords = region.pixels, region.tiles
         t = self.tile_size
         hp, wp = x.shape[:2]
-        out, weight = {}, np.zeros((hp, wp, 1), np.float32)
+        out, weight = {}, self._zeros((hp, wp, 1))
         for i in range(0, len(coords), self.batch_size):
             batch = coords[i:i + self.batch_size]
             maps = self._forward(np.stack([x[r:r + t, c:c + t] for r, c in batch]))
             self.tiles_predicted += len(batch)
             for name, values in maps.items():
                 if name not in out:
-                    out[name] = np.zeros((hp, wp, values.shape[-1]), np.float32)
+                    out[name] = self._zeros((hp, wp, values.shape[-1]))
             for j, (r, c) in enumerate(batch):
-                sides = (r > 0, r + t < hp, c > 0, c + t < wp)  # which sides have a neighbour
-                if sides not in self._windows:
-                    self._windows[sides] = blending_window(t, self.overlap, sides)[..., None]
-                window = self._windows[sides]
+                window = self._window((r > 0, r + t < hp, c > 0, c + t < wp))  # neighbours
                 for name, values in maps.items():
                     out[name][r:r + t, c:c + t] += values[j] * window
                 weight[r:r + t, c:c + t] += window
         if not out:  # nothing to predict (no tissue): every map is 0, with the model's channels
-            out = {name: np.zeros((hp, wp, shape[-1]), np.float32)
+            out = {name: self._zeros((hp, wp, shape[-1]))
                    for name, shape in self.output_channels().items()}
-        for v in out.values():
-            np.divide(v, weight, out=v, where=weight > 0)
         top, left, h, w = region.crop
-        return {name: v[top:top + h, left:left + w] for name, v in out.items()}
+        if self._device is None:
+            for v in out.values():
+                np.divide(v, weight, out=v, where=weight > 0)
+            return {name: v[top:top + h, left:left + w] for name, v in out.items()}
+        # where no tile counts (weight 0) the sums are 0: dividing by a tiny number keeps them
+        # 0; every positive weight (a product of two sin² profile values) is far above it
+        weight = weight.clamp(min=1e-30)
+        return {name: (v / weight)[top:top + h, left:left + w].cpu().numpy()
+                for name, v in out.items()}
 
     def output_channels(self) -> dict[str, tuple[int, ...]]:
         """{output: shape of one tile's map (T, T, K)}, the keys of :meth:`predict_maps`."""
         if self._output_channels is None:
             c = self.in_channels
             probe = np.zeros((1, self.tile_size, self.tile_size, c), np.float32)
-            self._output_channels = {k: v.shape[1:] for k, v in self._model_outputs(probe).items()}
+            self._output_channels = {k: tuple(v.shape[1:])
+                                     for k, v in self._model_outputs(probe).items()}
         return self._output_channels
 
     @staticmethod

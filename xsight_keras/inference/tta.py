@@ -31,16 +31,25 @@ def parse_transforms(spec) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def apply_transform(x: np.ndarray, k: int, axes=(1, 2)) -> np.ndarray:
-    """Apply symmetry ``k`` to the spatial ``axes`` (height, width) of ``x``."""
-    if k >= 4:
-        x = np.flip(x, axis=axes[1])
-    return np.rot90(x, k % 4, axes=axes)
+def _flip(x, axis: int):
+    return np.flip(x, axis=axis) if isinstance(x, np.ndarray) else x.flip(axis)
 
 
-def invert_transform(x: np.ndarray, k: int, axes=(1, 2)) -> np.ndarray:
-    """Undo :func:`apply_transform` with the same ``k``."""
-    x = np.rot90(x, -(k % 4), axes=axes)
+def _rot90(x, k: int, axes):
+    return np.rot90(x, k, axes=axes) if isinstance(x, np.ndarray) else x.rot90(k, axes)
+
+
+def apply_transform(x, k: int, axes=(1, 2)):
+    """Apply symmetry ``k`` to the spatial ``axes`` (height, width) of ``x`` (a numpy array,
+    or a torch tensor: the predictor keeps model outputs on the device). Returns a view."""
     if k >= 4:
-        x = np.flip(x, axis=axes[1])
+        x = _flip(x, axes[1])
+    return _rot90(x, k % 4, axes)
+
+
+def invert_transform(x, k: int, axes=(1, 2)):
+    """Undo :func:`apply_transform` with the same ``k`` (numpy array or torch tensor)."""
+    x = _rot90(x, -(k % 4), axes)
+    if k >= 4:
+        x = _flip(x, axes[1])
     return x
