@@ -14,8 +14,8 @@ layers take ``training``, which inputs are cast to which dtype and which autocas
 layer runs in. At run time each layer costs one of three things, chosen per layer when planning:
 
 * a direct PyTorch kernel, for the layers that dominate the count (2-D convolutions in
-  ``channels_first``, plain ReLU, ``Add``, ``Concatenate``): the exact sequence of PyTorch
-  calls Keras' torch backend makes for them, so results are bit-identical;
+  ``channels_first``, plain ReLU, ``Add``, ``Concatenate``, ``ZeroPadding2D``): the exact
+  sequence of PyTorch calls Keras' torch backend makes for them, so results are bit-identical;
 * the layer's own ``call`` (its ``keras.ops`` code), for the Keras and package layers whose
   ``call`` needs nothing of ``__call__`` beyond casting, autocasting and ``training`` (listed
   in ``_PLAIN_CALL``, exact classes: a user's subclass may add losses or masks);
@@ -147,6 +147,20 @@ def _concatenate_kernel(layer):
     return lambda inputs, training: torch.cat(inputs, dim=axis)
 
 
+def _zero_padding_kernel(layer):
+    """``F.pad`` with Keras' ``ops.pad`` order (last dimension first, zeros). Also keeps
+    ``ops.pad`` out of the step: it creates and names a ``Pad`` operation on every call, and the
+    global name counter that changes with each call made ``torch.compile`` recompile every step."""
+    from torch.nn import functional as F
+
+    (top, bottom), (left, right) = layer.padding
+    if layer.data_format == "channels_first":
+        pad = (left, right, top, bottom)
+    else:
+        pad = (0, 0, left, right, top, bottom)
+    return lambda x, training: F.pad(x, pad, mode="constant")
+
+
 def _direct_kernel(layer):
     """A direct PyTorch function ``(inputs, training) -> outputs`` for ``layer``, or None."""
     from xsight_keras.models.fused_layers import TorchOrderConv2D
@@ -160,6 +174,8 @@ def _direct_kernel(layer):
         return _add_kernel(layer)
     if kind is layers.Concatenate:
         return _concatenate_kernel(layer)
+    if kind is layers.ZeroPadding2D:
+        return _zero_padding_kernel(layer)
     return None
 
 
