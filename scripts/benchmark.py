@@ -190,7 +190,7 @@ def _keras_model(name, data_format, policy, jit_compile, optimizer="fused_adamw"
 
     from xsight_keras.heads import scale_of
     from xsight_keras.models import attention_unet, progressive_unet
-    from xsight_keras.training import FusedAdamW
+    from xsight_keras.training import DeviceLossScaleOptimizer, FusedAdamW
     from xsight_keras.training.losses import HybridLoss, multiscale_losses
 
     keras.config.set_image_data_format(data_format)
@@ -205,8 +205,8 @@ def _keras_model(name, data_format, policy, jit_compile, optimizer="fused_adamw"
         scales = tuple(s for s in map(scale_of, model.output_names) if s)
     # FusedAdamW is what the engine trains with; keras_adamw for the before/after comparison
     optimizer = FusedAdamW(1e-3) if optimizer == "fused_adamw" else keras.optimizers.AdamW(1e-3)
-    if policy == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    if policy == "mixed_float16":  # as the engine compiles it (Keras' own wraps otherwise)
+        optimizer = DeviceLossScaleOptimizer(optimizer)
     model.compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, jit_compile=jit_compile)
     return model, scales
 
@@ -244,6 +244,7 @@ def bench_model(args) -> dict:
         keep_freed_memory_in_process()
     model, scales = _keras_model(args.model, args.data_format, args.policy, args.jit_compile,
                                  args.optimizer)
+    model.lean_execution = not args.keras_call
     x, y = _synthetic_batch(args.batch, args.size, 6, args.data_format, scales)
     # on the device already, as the twin's batch is: the step is timed, not the host-to-device copy
     xd, yd = keras.tree.map_structure(keras.ops.convert_to_tensor, (x, y))
@@ -254,12 +255,16 @@ def bench_model(args) -> dict:
     train = interleaved_medians(steps, args.repeats)
     result = {"benchmark": "model", "model": args.model, "data_format": args.data_format,
               "policy": args.policy, "jit_compile": args.jit_compile, "batch": args.batch,
-              "size": args.size, "optimizer": args.optimizer,
+              "size": args.size, "optimizer": args.optimizer, "keras_call": args.keras_call,
               "glibc_malloc_defaults": args.glibc_malloc_defaults or _cuda(),
               "train_images_per_s": round(args.batch / train["keras"], 2)}
     if "twin" in train:
         result["twin_train_images_per_s"] = round(args.batch / train["twin"], 2)
         result["train_step_ratio_vs_twin"] = round(train["keras"] / train["twin"], 3)
+    if _cuda():
+        result["gpu_busy_train"] = gpu_busy_fraction(keras_step)
+        if "twin" in steps:
+            result["gpu_busy_train_twin"] = gpu_busy_fraction(steps["twin"])
     if args.train_only:
         return {**result, "train_only": True}
 
@@ -292,6 +297,122 @@ def bench_model(args) -> dict:
         "sliding_window_ratio": round(infer["whole"] / infer["plain"], 3),
     })
     return result
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def gpu_busy_fraction(fn, steps: int = 5) -> float | None:
+    """Share of the wall time of ``steps`` calls of ``fn`` during which the GPU ran kernels
+    (the sum of kernel times from ``torch.profiler``, divided by the wall time); None without
+    CUDA. The profiler adds a little host time, so this slightly understates the busy share."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels_us = 0.0
+    for event in prof.key_averages():
+        kernels_us += getattr(event, "self_device_time_total", None) or getattr(
+            event, "self_cuda_time_total", 0.0)
+    return round(kernels_us / 1e6 / wall, 3)
+
+
+def bench_host_overhead(args) -> dict:
+    """Python time per step: the Attention U-Net (ResNet34, channels_first, float32) on tiny
+    inputs (default 32×32, batch 2), where the arithmetic is negligible and a step is mostly
+    the framework's own Python, as a GPU step is while the GPU waits. A training-mode forward
+    pass and a training step (hybrid loss, FusedAdamW) of the Keras model, with its lean graph
+    executor (the default on torch) and with Keras' own Functional call, against the
+    plain-PyTorch twin's; medians of interleaved runs."""
+    import keras
+    import torch
+
+    import xsight_keras  # noqa: F401
+    from xsight_keras.models.lean_graph import LeanGraph
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from torch_twin import TorchAttentionUNet
+
+    torch.manual_seed(0)
+    model, _ = _keras_model("attention_unet", "channels_first", "float32", False)
+    x, y = _synthetic_batch(args.batch, args.size, 6, "channels_first")
+    xd, yd = keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
+    device = "cuda" if _cuda() else "cpu"
+    twin = TorchAttentionUNet().to(device).train()
+    xt = torch.from_numpy(x).to(device)
+
+    def keras_call(fn, lean):
+        def run():
+            model.lean_execution = lean
+            try:
+                fn()
+                _sync()
+            finally:
+                model.lean_execution = True
+        return run
+
+    def twin_forward():
+        twin(xt)
+        _sync()
+
+    forward = interleaved_medians({
+        "lean": keras_call(lambda: model(xd, training=True), True),
+        "keras": keras_call(lambda: model(xd, training=True), False),
+        "twin": twin_forward,
+    }, args.repeats, warmup=3)
+    train = interleaved_medians({
+        "lean": keras_call(lambda: model.train_on_batch(xd, yd), True),
+        "keras": keras_call(lambda: model.train_on_batch(xd, yd), False),
+        "twin": _twin_step("channels_first", "float32", x, y),
+    }, args.repeats, warmup=3)
+    compiled = {}
+    if args.compile_mode:  # torch.compile of the lean executor's inference pass, against eager
+        graph = LeanGraph.plan(model)
+        fn = torch.compile(lambda t: graph.run(t, False), mode=args.compile_mode)
+
+        def infer(f):
+            def run():
+                with torch.no_grad():
+                    f(xd)
+                _sync()
+            return run
+
+        start = time.perf_counter()
+        infer(fn)()
+        first = time.perf_counter() - start
+        times = interleaved_medians({"compiled": infer(fn), "eager": infer(lambda t: graph.run(t, False))},
+                                    args.repeats, warmup=2)
+        compiled = {"compile_mode": args.compile_mode, "compile_first_call_s": round(first, 1),
+                    "inference_ms": {k: round(v * 1000, 2) for k, v in times.items()}}
+    ms = lambda t: round(t * 1000, 2)
+    busy = {}
+    if _cuda():
+        busy = {"gpu_busy_forward": gpu_busy_fraction(keras_call(lambda: model(xd, training=True), True)),
+                "gpu_busy_forward_twin": gpu_busy_fraction(twin_forward)}
+    return {**busy, **compiled,
+        "benchmark": "host-overhead", "batch": args.batch, "size": args.size,
+        "layers_run": LeanGraph.plan(model).kinds(),
+        "forward_ms": {k: ms(v) for k, v in forward.items()},
+        "forward_ratio_vs_twin": round(forward["lean"] / forward["twin"], 3),
+        "forward_ratio_keras_call_vs_twin": round(forward["keras"] / forward["twin"], 3),
+        "train_step_ms": {k: ms(v) for k, v in train.items()},
+        "train_step_ratio_vs_twin": round(train["lean"] / train["twin"], 3),
+        "train_step_ratio_keras_call_vs_twin": round(train["keras"] / train["twin"], 3),
+    }
 
 
 def _cuda() -> bool:
@@ -567,6 +688,15 @@ def main(argv=None) -> int:
     p.add_argument("--optimizer", default="fused_adamw", choices=("fused_adamw", "keras_adamw"))
     p.add_argument("--glibc_malloc_defaults", action="store_true",
                    help="leave glibc's malloc as it is (the engine keeps freed memory in the process)")
+    p.add_argument("--keras_call", action="store_true",
+                   help="run the model through Keras' own Functional call, not the lean executor")
+    p = sub.add_parser("host-overhead")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=25)
+    p.add_argument("--compile_mode", default=None,
+                   help="also time torch.compile of the inference pass in this mode (default, "
+                        "reduce-overhead: CUDA graphs on GPUs, max-autotune)")
     p = sub.add_parser("monuseg")
     p.add_argument("--src", required=True, help="MoNuSeg images + XML (e.g. ../shared/data/monuseg-train)")
     p.add_argument("--out", default="benchmarks/monuseg", help="prepared data, run and JSON go here")
@@ -601,7 +731,7 @@ def main(argv=None) -> int:
     if args.what == "monuseg":
         return bench_monuseg(args)
     bench = {"loader": bench_loader, "prepare-memory": bench_prepare_memory, "model": bench_model,
-             "wsi": bench_wsi, "all": bench_all}
+             "wsi": bench_wsi, "all": bench_all, "host-overhead": bench_host_overhead}
     result = bench[args.what](args)
     if args.what != "all":
         result["machine"] = machine()
