@@ -81,6 +81,48 @@ def test_attention_unet_with_ema_swa_clipping_and_instance_head(demo_data, tmp_p
     assert {"instance_loss", "val_semantic_mean_fg_dice"} <= set(runs[True][0].history)
 
 
+def test_a_run_stopped_under_keras_call_resumes_with_the_executor_to_the_same_end(
+        demo_data, tmp_path, monkeypatch):
+    """SIGUSR1 in the middle of epoch 2 of a run through Keras' call (a mid-epoch resume point),
+    then ``--resume`` with the executor: the run ends as an uninterrupted run with the executor
+    (history, final/best/SWA weights; the resume tests' tolerances)."""
+    import os
+    import signal
+
+    from xsight_keras.training import state as state_module
+    from xsight_keras.training.preemption import TrainingStopped
+
+    def config_for(out):
+        return load_config("demo", overrides={
+            "data_root": str(demo_data), "output_dir": str(out), "experiment_name": "r",
+            "epochs": 2, "batch_size": 4, "input_size": 32, "val_size": 32, "steps_per_epoch": 3,
+            "decoder_filters": "16,8,8,8,8", "use_ema": True, "use_swa": True,
+            "swa_start_epoch": 1, "grad_clip_val": 0.05, "num_workers": 0,
+            "precise_bn_batches": 2, "tensorboard_images": 0})
+
+    whole = train(config_for(tmp_path / "whole")).run_dir  # the executor (the default)
+    original = state_module.TrainingState.on_train_batch_end
+
+    def stop_in_epoch_2(self, batch, logs=None):
+        if self._epoch == 1 and batch == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)  # honoured at the end of this step
+        return original(self, batch, logs)
+
+    monkeypatch.setattr(state_module.TrainingState, "on_train_batch_end", stop_in_epoch_2)
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    config = config_for(tmp_path / "split")
+    with pytest.raises(TrainingStopped):
+        train(config)
+    monkeypatch.setattr(state_module.TrainingState, "on_train_batch_end", original)
+    monkeypatch.delenv(ENV_SWITCH)
+    split = train(config, resume=True).run_dir
+    rows = [np.loadtxt(run / "history.csv", delimiter=",", skiprows=1) for run in (whole, split)]
+    np.testing.assert_allclose(rows[1], rows[0], rtol=1e-3, atol=1e-4)
+    for name in ("final.keras", "best.keras", "swa.keras"):
+        assert_same_weights(saved_weights(split / name), saved_weights(whole / name),
+                            rtol=1e-4, atol=1e-5, what=name)
+
+
 def test_progressive_unet_growth_with_fade_in(demo_data, tmp_path, monkeypatch):
     def config_for(out):
         return load_config("papsmear", overrides={
