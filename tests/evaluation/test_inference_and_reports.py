@@ -85,8 +85,9 @@ def test_tiled_prediction_equals_untiled_away_from_borders_at_any_size():
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="blending on the torch device")
 def test_blending_on_the_device_equals_blending_in_numpy():
     """On torch the predictor keeps outputs on the model's device, undoes TTA there (a direction
-    field's channels included) and blends there: the same maps, bit for bit, as the numpy path
-    (other backends), with tissue-skipped tiles, a mirror-padded small image and 8-fold TTA."""
+    field's channels included) and blends there: the same maps as the numpy path (other
+    backends; same float32 operations in the same order, compared to float32 rounding), with
+    tissue-skipped tiles, a mirror-padded small image and 8-fold TTA."""
     from xsight_keras.models import attention_unet
 
     keras.utils.set_random_seed(5)

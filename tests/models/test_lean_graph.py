@@ -226,3 +226,54 @@ def test_environment_switch_turns_the_executor_off(monkeypatch):
     assert model._lean is None
     monkeypatch.delenv(ENV_SWITCH)
     assert lean_by_default()
+
+
+def test_changed_layers_are_planned_again():
+    """LoRA switched on after the first call (and a layer given another dtype policy): the next
+    call plans again and computes what Keras' call does."""
+    from xsight_keras.models import TorchOrderConv2D
+
+    model = progressive_unet(1, 3, 2, base_filters=4, data_format="channels_first")
+    x = _images((1, 3, 32, 32))
+    model(x)
+    first = model._lean
+    conv = next(layer for layer in model.layers if isinstance(layer, TorchOrderConv2D))
+    conv.enable_lora(2)
+    conv.lora_kernel_b.assign(np.ones(conv.lora_kernel_b.shape, "float32"))
+    _assert_identical(_call_both(model, x, training=False))
+    assert model._lean is not first and model._lean.is_current()
+
+
+def test_quantized_layers_run_through_keras_call():
+    inputs = keras.Input((6,))
+    x = layers.Dense(8, name="d1")(inputs)
+    outputs = layers.Dense(3, name="d2")(layers.ReLU()(x))
+    model = keras.Model(inputs, outputs)
+    model.quantize("int8")
+    graph = LeanGraph.plan(model)
+    assert graph.kinds()["full"] == 2
+    x = _images((4, 6))
+    np.testing.assert_array_equal(graph.run(x).detach().cpu().numpy(),
+                                  model(x).detach().cpu().numpy())
+
+
+def test_graphs_it_cannot_run_exactly_are_left_to_keras():
+    """An ``Add`` of inputs of different ranks (Keras expands the smaller one at axis 1) runs
+    Keras' own merge; a bare ``keras.ops`` call in the graph, several inputs or an input of
+    another rank make the whole call Keras'."""
+    inputs = keras.Input((4, 4, 4))
+    pooled = layers.GlobalAveragePooling2D(data_format="channels_first")(inputs)
+    summed = layers.Add()([inputs, pooled])
+    model = keras.Model(inputs, summed)
+    graph = LeanGraph.plan(model)
+    assert graph is not None and graph.kinds()["direct"] == 0
+    x = _images((4, 4, 4, 4))
+    np.testing.assert_array_equal(graph.run(x).detach().cpu().numpy(),
+                                  model(x).detach().cpu().numpy())
+
+    inputs = keras.Input((3,))
+    assert LeanGraph.plan(keras.Model(inputs, keras.ops.sigmoid(layers.Dense(2)(inputs)))) is None
+    a, b = keras.Input((3,)), keras.Input((3,))
+    assert LeanGraph.plan(keras.Model([a, b], layers.Add()([a, b]))) is None
+    graph = LeanGraph.plan(keras.Model(inputs, layers.Dense(2)(inputs)))
+    assert graph.takes(_images((2, 3))) and not graph.takes(_images((2, 3, 1)))

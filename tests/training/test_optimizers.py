@@ -211,3 +211,37 @@ def test_device_loss_scale_optimizer_round_trips_with_the_model(tmp_path):
     assert loaded.optimizer.dynamic_growth_steps == 7
     assert_same_weights([v.numpy() for v in loaded.optimizer.variables],
                         [v.numpy() for v in model.optimizer.variables])
+
+
+@torch_only
+def test_device_loss_scaling_leaves_constrained_variables_to_keras():
+    """Keras applies constraints after each inner update and skips the inner optimizer on an
+    overflow; the device path would apply them on skipped steps too, so such models take
+    Keras' path (its boolean reads show it) and end as with Keras' optimizer."""
+    import torch
+
+    from xsight_keras.training import DeviceLossScaleOptimizer
+
+    def run(wrapper):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        outputs = keras.layers.Dense(3, kernel_constraint=keras.constraints.UnitNorm())(inputs)
+        model = keras.Model(inputs, outputs)
+        model.compile(optimizer=wrapper(FusedAdamW(1e-2)), loss="mse")
+        reads, original = [], torch.Tensor.__bool__
+        rng = np.random.default_rng(0)
+        for i in range(4):
+            y = rng.normal(size=(8, 3)).astype("float32")
+            if i == 1:
+                y[0, 0] = 3e38
+            torch.Tensor.__bool__ = lambda self: reads.append(1) or original(self)
+            try:
+                model.train_on_batch(rng.normal(size=(8, 4)).astype("float32"), y)
+            finally:
+                torch.Tensor.__bool__ = original
+        return [v.numpy() for v in model.weights], len(reads)
+
+    keras_weights, _ = run(keras.optimizers.LossScaleOptimizer)
+    device_weights, reads = run(DeviceLossScaleOptimizer)
+    assert reads > 0
+    assert_same_weights(device_weights, keras_weights)

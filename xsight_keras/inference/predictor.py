@@ -365,8 +365,8 @@ class Predictor:
             return {name: v[top:top + h, left:left + w] for name, v in out.items()}
         # where no tile counts (weight 0) the sums are 0: dividing by a tiny number keeps them
         # 0; every positive weight (a product of two sin² profile values) is far above it
-        weight = weight.clamp(min=1e-30)
-        return {name: (v / weight)[top:top + h, left:left + w].cpu().numpy()
+        weight = weight.clamp_(min=1e-30)
+        return {name: v.div_(weight)[top:top + h, left:left + w].cpu().numpy()
                 for name, v in out.items()}
 
     def output_channels(self) -> dict[str, tuple[int, ...]]:

@@ -70,9 +70,9 @@ class SegmentationModel(keras.Model):
         per-layer bookkeeping) unless ``model.lean_execution`` is False (its default comes
         from :func:`~xsight_keras.models.lean_graph.lean_by_default`)."""
         if self.lean_execution and lean_call_applies(inputs, mask):
-            if self._lean is None:
+            if self._lean is None or (self._lean and not self._lean.is_current()):
                 object.__setattr__(self, "_lean", LeanGraph.plan(self) or False)
-            if self._lean:
+            if self._lean and self._lean.takes(inputs):
                 return self._lean.run(inputs, training)
         return super().call(inputs, training=training, mask=mask)
 

@@ -19,11 +19,14 @@ layer runs in. At run time each layer costs one of three things, chosen per laye
 * the layer's own ``call`` (its ``keras.ops`` code), for the Keras and package layers whose
   ``call`` needs nothing of ``__call__`` beyond casting, autocasting and ``training`` (listed
   in ``_PLAIN_CALL``, exact classes: a user's subclass may add losses or masks);
-* the full ``layer(...)`` for every other layer and for layers with an activity regulariser.
+* the full ``layer(...)`` for every other layer, for quantized layers and for layers with an
+  activity regulariser.
 
-Only eager calls on real torch tensors take this path, without masks and outside stateless
-scopes; symbolic calls, shape inference, ``stateless_call`` and other backends run Keras' own
-code. The model, its weights, config and saved files are those of Keras; only how a call is
+Only eager calls on real torch tensors of the input's rank take this path, without masks and
+outside stateless scopes; symbolic calls, shape inference, ``stateless_call``, other backends and
+graphs it does not take (several inputs, bare ``keras.ops`` calls, tensors in keyword arguments)
+run Keras' own code. A plan is made again when a layer's dtype policy, quantization or LoRA
+changes (:meth:`LeanGraph.is_current`). The model, its weights, config and saved files are those of Keras; only how a call is
 executed changes. Intermediate tensors are dropped as soon as no later layer reads them (Keras
 keeps every one until the pass ends), which lowers the peak memory of inference.
 
@@ -161,11 +164,14 @@ def _zero_padding_kernel(layer):
     return lambda x, training: F.pad(x, pad, mode="constant")
 
 
-def _direct_kernel(layer):
-    """A direct PyTorch function ``(inputs, training) -> outputs`` for ``layer``, or None."""
+def _direct_kernel(layer, arg):
+    """A direct PyTorch function ``(inputs, training) -> outputs`` for ``layer`` called on the
+    KerasTensor(s) ``arg``, or None."""
     from xsight_keras.models.fused_layers import TorchOrderConv2D
 
     kind = type(layer)
+    if kind in (layers.Add, layers.Concatenate) and len({len(t.shape) for t in arg}) != 1:
+        return None  # Merge layers expand the lower-rank inputs first: Keras' own call
     if kind in (layers.Conv2D, TorchOrderConv2D):
         return _conv2d_kernel(layer)
     if kind is layers.ReLU:
@@ -223,11 +229,28 @@ class LeanGraph:
     several inputs, tensors in keyword arguments, nested structures); run with :meth:`run`.
     """
 
-    def __init__(self, model: keras.Model, steps: list[_Step], slots: int, input_dtype: str,
+    def __init__(self, model: keras.Model, steps: list[_Step], slots: int, model_input,
                  outputs):
         self.model, self.steps, self.slots = model, steps, slots
-        self.input_dtype, self.outputs = input_dtype, outputs
+        self.input_dtype, self.input_rank = model_input.dtype, len(model_input.shape)
+        self.outputs = outputs
         self._scopes: dict = {}
+        self._key = self.state_key()
+
+    def state_key(self) -> tuple:
+        """What the plan was made under, per layer: dtype policy, quantization, LoRA. A plan
+        whose key no longer matches (``model.quantize``, ``enable_lora``, a new dtype policy)
+        is stale: :meth:`is_current` says so and the model plans again."""
+        return tuple((step.layer.dtype_policy.name, step.layer.quantization_mode,
+                      getattr(step.layer, "lora_enabled", False)) for step in self.steps)
+
+    def is_current(self) -> bool:
+        return self.state_key() == self._key
+
+    def takes(self, inputs) -> bool:
+        """Whether ``inputs`` (a torch tensor) has the model input's rank (Keras' call adds or
+        drops a trailing size-1 axis otherwise: that is left to it)."""
+        return inputs.ndim == self.input_rank
 
     def kinds(self) -> dict:
         """How each layer is run: ``{"direct": n, "call": n, "full": n}``."""
@@ -261,9 +284,11 @@ class LeanGraph:
                 return None
             slot_of[id(outputs[0])] = target = len(slot_of)
             training_arg = "training" in inspect.signature(layer.call).parameters
+            if not isinstance(layer, keras.layers.Layer):
+                return None  # a keras.ops call in the graph: Keras' own call
             if (type(layer) in plain and layer.activity_regularizer is None
-                    and _is_float(layer.input_dtype)):
-                run, kind = _direct_kernel(layer), "direct"
+                    and layer.quantization_mode is None and _is_float(layer.input_dtype)):
+                run, kind = _direct_kernel(layer, arg), "direct"
                 if run is None:
                     run, kind = _plain_call(layer, training_arg), "call"
                 cast = getattr(torch, keras.backend.standardize_dtype(layer.input_dtype))
@@ -282,7 +307,7 @@ class LeanGraph:
         for i, step in enumerate(steps):
             step.drop = tuple(s for s, last in last_read.items() if last == i and s not in kept)
         outputs = [slot_of[id(t)] for t in model.outputs]
-        return cls(model, steps, len(slot_of), model.inputs[0].dtype, outputs)
+        return cls(model, steps, len(slot_of), model.inputs[0], outputs)
 
     def run(self, inputs, training=None):
         """``model(inputs, training=training)`` computed by the plan: same outputs (same
@@ -291,7 +316,7 @@ class LeanGraph:
         values = [None] * self.slots
         values[0] = keras.ops.convert_to_tensor(inputs, dtype=self.input_dtype)
         current = compat.current_autocast_scope()
-        key = None if current is None else current.dtype
+        key = (current is None, None if current is None else current.dtype)
         scopes = self._scopes.get(key)
         if scopes is None:
             scopes = self._scopes[key] = [step.scope(current) for step in self.steps]

@@ -27,7 +27,8 @@ as if the last, still unknown, skipped steps had been applied — a relative cha
 below 0.1 % after the first few hundred steps.
 
 Everything else — other inner optimizers, gradient accumulation, Keras' optimizer EMA,
-variables overwritten by their gradient, other backends — runs Keras' own code.
+variables overwritten by their gradient or with a constraint, other backends — runs Keras' own
+code.
 """
 
 from __future__ import annotations
@@ -54,8 +55,11 @@ class DeviceLossScaleOptimizer(LossScaleApplyOverride, keras.optimizers.LossScal
             return False
         if trainable_variables is None or len(trainable_variables) != len(grads) or not grads:
             return False
+        # a constraint is applied after every inner update, so also after a skipped one here
+        # (Keras does not run the inner optimizer on a skipped step): Keras' path for those
         return all(g is not None for g in grads) and not any(
-            getattr(v, "overwrite_with_gradient", False) for v in trainable_variables)
+            getattr(v, "overwrite_with_gradient", False) or v.constraint is not None
+            for v in trainable_variables)
 
     def _host_iterations(self) -> float:
         """``inner.iterations`` as the host best knows it: read from the device once (and again
