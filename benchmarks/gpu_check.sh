@@ -5,15 +5,7 @@
 # machine lacks travel in .whl/ (pip download ... --python-version 3.12, see the README).
 # Results and logs go to $OUT (or ./gpu_out).
 set -u
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export KERAS_BACKEND=torch PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+source benchmarks/gpu_env.sh
 python3 -c "import torch, keras; print('torch', torch.__version__, 'keras', keras.__version__, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 step() { local t=$1; shift; echo "== $* (limit ${t}s)"; local s=$SECONDS; timeout "$t" "$@"; echo "== rc=$? in $((SECONDS - s)) s"; }
 step 60 python3 -m pytest -q -p no:cacheprovider tests/models/test_fused_layers.py tests/training/test_optimizers.py 2>&1 | tail -3

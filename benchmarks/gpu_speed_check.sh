@@ -19,19 +19,15 @@
 # torch, numpy, scipy, opencv, scikit-image, matplotlib, pyyaml, tqdm but not the rest):
 #   bash benchmarks/gpu_wheels.sh                       # .whl/, about 11 MB
 #   mkdir -p .gpu_data && cp -r ../shared/data/papsmear .gpu_data/   # about 20 MB
-# then: device run "bash benchmarks/gpu_speed_check.sh" with carry [".whl", ".gpu_data"] and
-# timeout_s 600. Everything comes back as at most 8 files in $OUT (the device tool's limit).
+# then two device runs (one command may take 10 minutes; together about 11 of the 15 a session
+# has), both with carry [".whl", ".gpu_data"]:
+#   OUT=$OUT bash benchmarks/gpu_speed_check.sh speed   (steps 1-3, timeout_s 420)
+#   OUT=$OUT bash benchmarks/gpu_speed_check.sh runs    (step 4 and torch.compile, timeout_s 420)
+# Each brings back at most 8 files in $OUT (the device tool's limit): gpu.txt, log.txt,
+# results.jsonl, smi.csv. Save them here between the two runs (the second empties $OUT).
 set -u
-OUT=${OUT:-gpu_out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-export KERAS_BACKEND=torch PYTHONUNBUFFERED=1
+source benchmarks/gpu_env.sh
 LOG=$OUT/log.txt; RES=$OUT/results.jsonl
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, keras; print('torch', torch.__version__, 'keras', keras.__version__, torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported())" | tee -a "$OUT/gpu.txt"
 step() { local t=$1; shift; echo "== $* (limit ${t}s)" | tee -a "$LOG"; local s=$SECONDS; timeout "$t" "$@" >>"$LOG" 2>&1; echo "== rc=$? in $((SECONDS - s)) s" | tee -a "$LOG"; }
 bench() {  # one benchmark; its JSON as one line of results.jsonl
@@ -43,6 +39,8 @@ bench() {  # one benchmark; its JSON as one line of results.jsonl
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 200 > "$OUT/smi.csv" 2>/dev/null &
 SMI=$!
 
+PART=${1:-all}
+if [ "$PART" != runs ]; then
 step 120 python3 -m pytest -q -p no:cacheprovider -x tests/models/test_lean_graph.py \
   tests/training/test_optimizers.py tests/models/test_fused_layers.py \
   "tests/evaluation/test_inference_and_reports.py::test_blending_on_the_device_equals_blending_in_numpy"
@@ -55,6 +53,8 @@ for policy in float32 mixed_float16; do
   bench 60 model --batch 16 --policy $policy --repeats 5 --data_format channels_last --train_only
   bench 60 model --batch 16 --policy $policy --repeats 5 --model progressive_unet --train_only
 done
+fi
+if [ "$PART" != speed ]; then
 step 150 python3 scripts/train.py --preset demo --use_mixed_precision true --num_workers 4 \
   --data_root /tmp/demo_data --output_dir /tmp/runs --experiment_name demo_gpu
 grep -E "epoch|val_mean_fg_dice|seconds|steps" "$LOG" | tail -6
@@ -78,6 +78,7 @@ print(json.dumps(out, default=str))
 PY
 bench 150 host-overhead --repeats 20 --compile_mode reduce-overhead
 bench 150 host-overhead --repeats 10 --batch 16 --size 256 --compile_mode reduce-overhead
+fi
 kill $SMI 2>/dev/null
 python3 -c "
 import csv; rows = [r for r in csv.reader(open('$OUT/smi.csv')) if len(r) > 1]
