@@ -244,6 +244,7 @@ def test_changed_layers_are_planned_again():
     assert model._lean is not first and model._lean.is_current()
 
 
+@pytest.mark.filterwarnings("ignore:Layer .* does not have a `quantize` method")
 def test_quantized_layers_run_through_keras_call():
     inputs = keras.Input((6,))
     x = layers.Dense(8, name="d1")(inputs)
