@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from keras import layers
 
+from tests.helpers import same_computation_tolerance
 from xsight_keras.models import attention_unet, progressive_unet
 from xsight_keras.models.lean_graph import ENV_SWITCH, LeanGraph, lean_by_default
 
@@ -56,26 +57,18 @@ def _call_both(model, x, training):
     return results
 
 
-def _tolerance() -> dict:
-    """Bit for bit on the CPU; on a GPU cuDNN may pick kernels that sum in another order from
-    one call to the next (atomics in backward passes), so float32 rounding is allowed there."""
-    import torch
-
-    return {"rtol": 1e-5, "atol": 1e-6} if torch.cuda.is_available() else {"rtol": 0, "atol": 0}
-
-
 def _assert_identical(results):
     names = results.get("names")
     assert names is None or names[0] == names[1]
     (out_a, grad_a, var_a), (out_b, grad_b, var_b) = results[True], results[False]
     assert len(out_a) == len(out_b)
     for a, b in zip(out_a, out_b):
-        np.testing.assert_allclose(a, b, **_tolerance())
+        np.testing.assert_allclose(a, b, **same_computation_tolerance())
     if grad_a is not None:
         for a, b in zip(grad_a, grad_b):
-            np.testing.assert_allclose(a, b, **_tolerance())
+            np.testing.assert_allclose(a, b, **same_computation_tolerance())
     for a, b in zip(var_a, var_b):
-        np.testing.assert_allclose(a, b, **_tolerance())
+        np.testing.assert_allclose(a, b, **same_computation_tolerance())
 
 
 @pytest.mark.parametrize("build", [

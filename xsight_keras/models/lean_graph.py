@@ -26,8 +26,8 @@ Only eager calls on real torch tensors of the input's rank take this path, witho
 outside stateless scopes; symbolic calls, shape inference, ``stateless_call``, other backends and
 graphs it does not take (several inputs, bare ``keras.ops`` calls, tensors in keyword arguments)
 run Keras' own code. A plan is made again when a layer's dtype policy, quantization or LoRA
-changes (:meth:`LeanGraph.is_current`). The model, its weights, config and saved files are those of Keras; only how a call is
-executed changes. Intermediate tensors are dropped as soon as no later layer reads them (Keras
+changes (:meth:`LeanGraph.is_current`). The model, its weights, config and saved files are
+those of Keras; only how a call is executed changes. Intermediate tensors are dropped as soon as no later layer reads them (Keras
 keeps every one until the pass ends), which lowers the peak memory of inference.
 
 Bottom layer: imports Keras, PyTorch (lazily) and :mod:`xsight_keras.compat`.
@@ -235,17 +235,18 @@ class LeanGraph:
         self.input_dtype, self.input_rank = model_input.dtype, len(model_input.shape)
         self.outputs = outputs
         self._scopes: dict = {}
-        self._key = self.state_key()
-
-    def state_key(self) -> tuple:
-        """What the plan was made under, per layer: dtype policy, quantization, LoRA. A plan
-        whose key no longer matches (``model.quantize``, ``enable_lora``, a new dtype policy)
-        is stale: :meth:`is_current` says so and the model plans again."""
-        return tuple((step.layer.dtype_policy.name, step.layer.quantization_mode,
-                      getattr(step.layer, "lora_enabled", False)) for step in self.steps)
+        # what the plan was made under: each layer's dtype policy object (``model.quantize`` and
+        # a new policy replace it) and, for layers that have LoRA, whether it is on (looked up
+        # once: a missing attribute costs a raised exception on a torch Module, every call)
+        self._policies = [(step.layer, step.layer.dtype_policy) for step in steps]
+        self._lora = [(step.layer, step.layer.lora_enabled) for step in steps
+                      if hasattr(step.layer, "lora_enabled")]
 
     def is_current(self) -> bool:
-        return self.state_key() == self._key
+        """False once a layer got another dtype policy (``model.quantize`` included) or had LoRA
+        switched on or off since planning: the model then plans again."""
+        return (all(layer.dtype_policy is policy for layer, policy in self._policies)
+                and all(layer.lora_enabled == on for layer, on in self._lora))
 
     def takes(self, inputs) -> bool:
         """Whether ``inputs`` (a torch tensor) has the model input's rank (Keras' call adds or
